@@ -1,0 +1,40 @@
+"""Write README.md from nbs/index.ipynb (nbdev_readme needs quarto, which these machines lack).
+
+Markdown cells are copied, code cells become ```python blocks followed by their text output; cells marked `#| hide`
+are skipped, as are nbdev's front-matter quote line. `python tools/make_readme.py --check` exits 1 when README.md is stale."""
+import json, re, sys
+from pathlib import Path
+
+root = Path(__file__).resolve().parent.parent
+
+def _out_text(outs):
+    res = []
+    for o in outs:
+        if o.get('output_type') == 'stream': res.append(''.join(o.get('text', '')))
+        elif 'data' in o and 'text/plain' in o['data']: res.append(''.join(o['data']['text/plain']) + '\n')
+    return ''.join(res).rstrip('\n')
+
+def render(nb_path=root/'nbs'/'index.ipynb'):
+    nb = json.loads(Path(nb_path).read_text())
+    parts = []
+    for c in nb['cells']:
+        src = ''.join(c['source'])
+        if c['cell_type'] == 'markdown': parts.append(src)
+        elif c['cell_type'] == 'code':
+            lines = src.split('\n')
+            if any(re.match(r'#\|\s*(hide|default_exp|export)', l) for l in lines): continue
+            code = '\n'.join(l for l in lines if not l.startswith('#|')).strip()
+            if not code: continue
+            parts.append(f'```python\n{code}\n```')
+            out = _out_text(c.get('outputs', []))
+            if out: parts.append(f'```text\n{out}\n```')
+    return '\n\n'.join(parts).strip() + '\n'
+
+if __name__ == '__main__':
+    txt = render()
+    readme = root/'README.md'
+    if '--check' in sys.argv:
+        if not readme.exists() or readme.read_text() != txt:
+            print('README.md is out of date with nbs/index.ipynb: run `python tools/make_readme.py`'); sys.exit(1)
+        print('README.md is up to date')
+    else: readme.write_text(txt); print(f'wrote {readme}')

@@ -1,0 +1,257 @@
+"""`Learner.distrib_ctx` with 2 real processes: `torchrun --standalone --nproc_per_node 2` on the CPU (gloo).
+
+One torchrun job runs most scenarios (each process saves what it saw), the tests compare it with single-process runs
+made here; a second job crashes on purpose. Every job is bounded by a timeout and killed with its workers on expiry,
+so a hang fails the test instead of blocking the suite.
+"""
+import os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT = 240  # seconds; the jobs take ~10-30 s on 2 idle cores
+
+COMMON = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+def data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return x, (x @ torch.randn(8, 3, generator=g)).argmax(1)
+
+def model(hidden=16):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 3))  # no dropout
+
+def acc(pred, targ): return (pred.argmax(-1) == targ).float().mean()
+'''
+
+MAIN = '''
+import os, sys, torch
+from pathlib import Path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from fastcb.core import Callback, CancelFitException
+from fastcb.learner import Learner, DataLoaders
+import fastcb.progress, fastcb.preds
+from fastcb.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback
+from fastcb.metrics import CSVLogger
+from fastcb.checkpoint import CheckpointCallback
+from fastcb.distributed import rank_distrib, num_distrib
+from common import data, model, acc
+out,rank = Path(sys.argv[1]),int(os.environ['RANK'])
+R = {}
+x,y = data(256)
+def mk(bs=16, shuffle=False, **kw):
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=shuffle, generator=torch.Generator().manual_seed(3)),
+                      DataLoader(TensorDataset(x[:50], y[:50]), batch_size=16))
+    return Learner(dls, model(kw.pop('hidden', 16)), loss_func=nn.CrossEntropyLoss(), opt_func=torch.optim.SGD, lr=0.1, **kw)
+
+# (a) one epoch of SGD, 2 processes x batch 16;  (b) get_preds/validate on 37 items (not a multiple of 2 x 16)
+learn = mk(metrics=acc)
+dls = learn.dls
+with learn.distrib_ctx():
+    R['ranks'] = (rank_distrib(), num_distrib())
+    learn.fit(1)
+    R['values'] = learn.recorder.values
+    xb,yb = data(37, seed=5)
+    pdl = DataLoader(TensorDataset(xb, yb), batch_size=16)
+    R['preds'] = learn.get_preds(dl=pdl)
+    R['preds_all'] = learn.get_preds(dl=pdl, with_input=True, with_loss=True)
+    R['preds_shuffled'] = learn.get_preds(dl=DataLoader(TensorDataset(xb, yb), batch_size=16, shuffle=True))
+    R['validate'] = learn.validate(dl=pdl)
+R['weights'] = {k: v.clone() for k,v in learn.model.state_dict().items()}
+R['restored'] = (type(learn.model).__name__, learn.dls is dls, sorted(type(c).__name__ for c in learn.cbs))
+
+# (c) early stopping on a metric that only rank 1 sees getting worse: both processes stop after epoch 1
+def sig(pred, targ): return torch.tensor(float(learn.epoch if rank == 1 else -learn.epoch))
+learn = mk(metrics=sig)
+with learn.distrib_ctx(): learn.fit(6, cbs=EarlyStoppingCallback(monitor='sig', comp=lambda a,b: a < b, patience=1))
+R['early_stop_epochs'] = len(learn.recorder.values)
+
+# stops raised on one process only: a CancelFitException (rank 0), a NaN loss (rank 1)
+def stop0(self):
+    if rank == 0 and self.learn.iter == 3: raise CancelFitException()
+learn = mk()
+with learn.distrib_ctx(): learn.fit(2, cbs=Callback(before_batch=stop0))
+R['cancel_fit_iter'] = learn.train_iter
+class NanOnRank1(nn.Module):
+    def forward(self, p, t):
+        l = nn.functional.cross_entropy(p, t)
+        return l*float('nan') if rank == 1 and learn.training and learn.iter == 2 else l
+learn = mk(); learn.loss_func = NanOnRank1()
+with learn.distrib_ctx(): learn.fit(2, cbs=TerminateOnNaNCallback())
+R['nan_iter'] = learn.train_iter
+
+# files on rank 0 only; every process ends with rank 0's (best) weights
+learn = mk(metrics=acc, shuffle=True); learn.path = out/f'files{rank}'
+with learn.distrib_ctx(): learn.fit(3, lr=0.5, cbs=[SaveModelCallback(fname='best'), CSVLogger()])
+R['files'] = sorted(str(p.relative_to(learn.path)) for p in learn.path.rglob('*') if p.is_file())
+R['best_weights'] = {k: v.clone() for k,v in learn.model.state_dict().items()}
+
+# resume from a checkpoint (written by rank 0) after a stop mid-epoch 1: same weights as an uninterrupted fit
+learn = mk(shuffle=True)
+with learn.distrib_ctx(): learn.fit(2)
+R['uninterrupted'] = {k: v.clone() for k,v in learn.model.state_dict().items()}
+def stop13(self):
+    if self.learn.train_iter == 13: raise CancelFitException()
+learn = mk(shuffle=True)
+with learn.distrib_ctx():
+    learn.fit(2, cbs=[CheckpointCallback(every_n_iters=3, every_epoch=False, path=out/'ckpt', keep=None), Callback(before_batch=stop13)])
+learn = mk(shuffle=True)
+with learn.distrib_ctx(): learn.fit(2, resume=out/'ckpt')
+R['resumed'] = {k: v.clone() for k,v in learn.model.state_dict().items()}
+
+# bad input: more processes than training items; a model that differs across processes
+def error_of(f):
+    try: f()
+    except Exception as e: return f'{type(e).__name__}: {e}'
+def tiny():
+    learn = Learner(DataLoaders(DataLoader(TensorDataset(x[:1], y[:1]))), model(), loss_func=nn.CrossEntropyLoss())
+    with learn.distrib_ctx(): learn.fit(1)
+R['err_world_size'] = error_of(tiny)
+def mismatch():
+    learn = mk(hidden=16 if rank == 0 else 17)
+    with learn.distrib_ctx(): learn.fit(1)
+R['err_mismatch'] = error_of(mismatch)
+torch.save(R, out/f'rank{rank}.pt')
+'''
+
+CRASH = '''
+import os, sys, torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from fastcb.core import Callback
+from fastcb.learner import Learner, DataLoaders
+from fastcb.distributed import rank_distrib
+from common import data, model
+x,y = data(256)
+def boom(self):
+    if rank_distrib() == 1 and self.learn.iter == 3: raise RuntimeError('boom on rank 1')
+dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x, y), batch_size=16))
+learn = Learner(dls, model(), loss_func=nn.CrossEntropyLoss(), cbs=Callback(before_batch=boom))
+with learn.distrib_ctx(): learn.fit(3)
+'''
+
+
+def torchrun(script, folder, timeout=JOB_TIMEOUT):
+    "Run `script` (source) under `torchrun --standalone --nproc_per_node 2`; (returncode, output, seconds)"
+    folder = Path(folder)
+    (folder/'common.py').write_text(COMMON)
+    (folder/'job.py').write_text(textwrap.dedent(script))
+    exe = Path(sys.executable).parent/'torchrun'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'torch.distributed.run']
+    cmd += ['--standalone', '--nproc_per_node', '2', str(folder/'job.py'), str(folder)]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+    env.pop('RANK', None); env.pop('WORLD_SIZE', None)
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try: output,_ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and its workers
+        output,_ = p.communicate()
+        pytest.fail(f"torchrun job still running after {timeout}s (a hang?); its output:\n{output[-4000:]}")
+    return p.returncode, output, time.monotonic() - t0
+
+
+@pytest.fixture(scope='module')
+def job(tmp_path_factory):
+    "The results of the main 2-process job, one dict per rank"
+    folder = tmp_path_factory.mktemp('ddp')
+    rc, output, _ = torchrun(MAIN, folder)
+    assert rc == 0, output[-6000:]
+    return [torch.load(folder/f'rank{r}.pt', weights_only=False) for r in range(2)], folder
+
+
+def _single(bs=16, **kw):
+    "The single-process learner the torchrun job's learners are compared with"
+    sys.path.insert(0, str(ROOT))
+    ns = {}
+    exec(COMMON, ns)
+    x, y = ns['data'](256)
+    from fastcb.learner import Learner, DataLoaders
+    import fastcb.preds  # noqa: F401
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=bs), DataLoader(TensorDataset(x[:50], y[:50]), batch_size=16),
+                      device='cpu')
+    return Learner(dls, ns['model'](), loss_func=nn.CrossEntropyLoss(), opt_func=torch.optim.SGD, lr=0.1,
+                   metrics=ns['acc'], **kw), ns
+
+
+def test_two_processes_batch_16_same_weights_as_one_batch_32(job):
+    res, _ = job
+    assert [r['ranks'] for r in res] == [(0, 2), (1, 2)]
+    learn, _ = _single(bs=32)
+    learn.fit(1)
+    for r in res:
+        for k, v in learn.model.state_dict().items(): torch.testing.assert_close(r['weights'][k], v, atol=1e-5, rtol=0)
+        # the epoch's losses and metrics: reduced as sums and counts, the same on every process
+        torch.testing.assert_close(torch.tensor(r['values']), torch.tensor(learn.recorder.values), atol=1e-5, rtol=0)
+    assert res[0]['restored'][:2] == ('Sequential', True)  # the model unwrapped, the loaders given back
+    assert 'DistributedCallback' not in res[0]['restored'][2]
+
+
+def test_get_preds_exact_across_processes(job):
+    res, _ = job
+    learn, ns = _single()
+    learn.model.load_state_dict(res[0]['weights'])
+    xb, yb = ns['data'](37, seed=5)
+    pdl = DataLoader(TensorDataset(xb, yb), batch_size=16)
+    p, t = learn.get_preds(dl=pdl)
+    inp, p2, t2, losses = learn.get_preds(dl=pdl, with_input=True, with_loss=True)
+    v = learn.validate(dl=pdl)
+    for r in res:
+        rp, rt = r['preds']
+        assert rp.shape == (37, 3) and torch.equal(rt, yb)  # every item exactly once, in dataset order: no padding
+        torch.testing.assert_close(rp, p, atol=1e-5, rtol=0)
+        ri, rp2, rt2, rl = r['preds_all']
+        assert torch.equal(ri, xb) and torch.equal(rt2, t2)
+        torch.testing.assert_close(rl, losses, atol=1e-5, rtol=0)
+        sp, st = r['preds_shuffled']
+        assert torch.equal(st, yb)
+        torch.testing.assert_close(sp, p, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(r['validate']), torch.tensor(v), atol=1e-5, rtol=0)
+
+
+def test_early_stopping_seen_on_one_rank_stops_both(job):
+    res, _ = job
+    assert [r['early_stop_epochs'] for r in res] == [2, 2]  # of 6: rank 1's metric got worse at epoch 1
+
+
+def test_stops_raised_on_one_rank_are_agreed(job):
+    res, _ = job
+    assert [r['cancel_fit_iter'] for r in res] == [3, 3]  # CancelFitException on rank 0 before batch 3
+    assert [r['nan_iter'] for r in res] == [2, 2]  # NaN loss on rank 1 in batch 2: TerminateOnNaN stops both
+
+
+def test_rank0_only_files_and_same_final_weights(job):
+    res, _ = job
+    assert res[0]['files'] == ['history.csv', 'models/best.pth'] and res[1]['files'] == []
+    for k, v in res[0]['best_weights'].items(): assert torch.equal(res[1]['best_weights'][k], v)
+
+
+def test_resume_from_checkpoint_under_ddp(job):
+    res, folder = job
+    assert len(list((folder/'ckpt').glob('checkpoint_*.pth'))) == 4  # written once (by rank 0), every 3 batches
+    for r in res:
+        for k, v in r['uninterrupted'].items(): assert torch.equal(r['resumed'][k], v)
+
+
+def test_bad_input_errors(job):
+    res, _ = job
+    for r in res:
+        assert 'training set has 1 item(s) but there are 2 processes' in r['err_world_size']
+        assert "parameter '0.weight' has shape (16, 8) on rank 0 but (17, 8) on rank 1" in r['err_mismatch']
+
+
+def test_crash_on_one_rank_ends_the_job(tmp_path):
+    rc, output, secs = torchrun(CRASH, tmp_path, timeout=120)
+    assert rc != 0
+    assert 'RuntimeError: boom on rank 1' in output
+    assert 'ChildFailedError' in output  # torchrun stopped the other process and reported the failure

@@ -1,0 +1,227 @@
+"""The docs site as a reader meets it: build it with `tools/build_docs.py` (nbdev's own notebook processing, then pandoc),
+open every page in headless Chromium and check the page title, a signature section for each public name of the
+notebook's module, no leftover `#|` directive or `{target=...}` text, that every internal link resolves, and that the
+screenshot is not blank. Screenshots are kept in `$TMPDIR/fastcb-docs-screenshots/` (the core and learner pages are
+named in the output). Skips when pandoc or chromium is missing (`apt-get install pandoc chromium`)."""
+import importlib, importlib.util, inspect, json, re, shutil, subprocess, sys, tempfile
+from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+import pytest
+
+root = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(root/'tools'))
+import build_docs  # noqa: E402
+
+CHROMIUM = next((shutil.which(b) for b in ('chromium', 'chromium-browser', 'google-chrome') if shutil.which(b)), None)
+CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                  '--disable-component-update', '--disable-sync', '--no-first-run', '--hide-scrollbars']
+SHOTS = Path(tempfile.gettempdir())/'fastcb-docs-screenshots'
+KEEP_SHOTS = ('core.html', 'learner.html')
+
+_missing = [t for t, ok in (('pandoc', shutil.which('pandoc')), ('chromium', CHROMIUM)) if not ok]
+pytestmark = [pytest.mark.skipif(bool(_missing), reason=f"docs browser check needs {' and '.join(_missing)} "
+                                 f"(apt-get install pandoc chromium)")]
+if importlib.util.find_spec('xdist'): pytestmark.append(pytest.mark.xdist_group('docs'))  # one worker builds the site
+
+# ---------------------------------------------------------------- reading the page Chromium rendered
+class Dom(HTMLParser):
+    "What a check needs from a rendered page: title, ids, links, headings and code blocks in order, visible text"
+    _void = {'area', 'base', 'br', 'col', 'embed', 'hr', 'img', 'input', 'link', 'meta', 'source', 'track', 'wbr'}
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.title, self.ids, self.links, self.blocks, self.prose, self.code, self.inline = '', set(), [], [], [], [], []
+        self._stack, self._h, self._pre = [], None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        for k in ('id', 'name'):
+            if a.get(k) and (k == 'id' or tag == 'a'): self.ids.add(a[k])
+        if tag in ('a', 'link') and a.get('href'): self.links.append((tag, a['href']))
+        if tag in ('img', 'script') and a.get('src'): self.links.append((tag, a['src']))
+        if tag in self._void: return
+        self._stack.append(tag)
+        if re.fullmatch(r'h[1-6]', tag): self._h = [int(tag[1]), a.get('id', ''), a.get('class', ''), '']
+        if tag == 'pre': self._pre = ''
+
+    def handle_endtag(self, tag):
+        if tag in self._void or tag not in self._stack: return
+        while self._stack and self._stack.pop() != tag: pass
+        if re.fullmatch(r'h[1-6]', tag) and self._h:
+            self.blocks.append(('h', *self._h)); self._h = None
+        if tag == 'pre' and self._pre is not None:
+            self.blocks.append(('pre', self._pre)); self.code.append(self._pre); self._pre = None
+
+    def handle_data(self, data):
+        if 'title' in self._stack and 'head' in self._stack: self.title += data
+        if {'script', 'style', 'head'} & set(self._stack): return
+        if self._h is not None: self._h[3] += data
+        if self._pre is not None: self._pre += data
+        elif 'code' in self._stack: self.inline.append(data)
+        else: self.prose.append(data)
+
+    def heading(self, hid):
+        return next((i for i, b in enumerate(self.blocks) if b[0] == 'h' and b[2] == hid), None)
+
+    def section_code(self, i):
+        "Text of the code blocks after heading `i`, up to the next heading of the same or a higher level"
+        res = []
+        for b in self.blocks[i+1:]:
+            if b[0] == 'h' and b[1] <= self.blocks[i][1]: break
+            if b[0] == 'pre': res.append(b[1])
+        return '\n'.join(res)
+
+def chromium(*args, timeout=90):
+    with tempfile.TemporaryDirectory(prefix='fastcb-chromium-') as prof:
+        r = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f'--user-data-dir={prof}', *args],
+                           capture_output=True, text=True, timeout=timeout)
+    return r
+
+def dump_dom(path):
+    r = chromium('--dump-dom', Path(path).resolve().as_uri())
+    if r.returncode or '<html' not in r.stdout:
+        raise RuntimeError(f'chromium could not render {path}: rc={r.returncode}\n{r.stderr[-2000:]}')
+    return r.stdout
+
+def screenshot(path, png):
+    png.unlink(missing_ok=True)
+    r = chromium(f'--screenshot={png}', '--window-size=1280,1600', Path(path).resolve().as_uri())
+    if not png.exists(): raise RuntimeError(f'chromium wrote no screenshot of {path}: rc={r.returncode}\n{r.stderr[-2000:]}')
+    return png
+
+def blank_reason(png):
+    "Why the screenshot `png` looks blank, or '' when it shows content"
+    try: from PIL import Image
+    except ImportError: return '' if png.stat().st_size > 8000 else f'{png} is only {png.stat().st_size} bytes'
+    im = Image.open(png).convert('L')
+    hist = im.histogram()
+    bg = max(range(256), key=hist.__getitem__)
+    ink = sum(n for v, n in enumerate(hist) if abs(v - bg) > 40) / (im.width * im.height)
+    return '' if ink > 0.005 else f'{png} is blank ({ink:.2%} of pixels differ from the background)'
+
+# ---------------------------------------------------------------- the checks
+def link_problems(site, page, dom, doms, failed=()):
+    "Internal links (and images, stylesheets) of `page` that do not resolve: 'page: link (why)'"
+    base = build_docs._Links(build_docs.get_cfg(), {}).base
+    res, site = [], Path(site).resolve()
+    for tag, href in dom.links:
+        if base != '/' and href.startswith(base):
+            res.append(f'{page}: {href} (absolute link to the online docs; should be relative)'); continue
+        parts = urlsplit(href)
+        if parts.scheme or href.startswith('//'): continue  # external: not checked offline
+        target = (site/page).parent/unquote(parts.path) if parts.path else site/page
+        target = target.resolve()
+        rel = target.relative_to(site).as_posix() if target.is_relative_to(site) else None
+        if rel in failed: continue  # that notebook failed to build; reported on its own
+        if rel is None: res.append(f'{page}: {href} (points outside the site)'); continue
+        if not target.is_file(): res.append(f'{page}: {href} ({rel} does not exist)'); continue
+        if parts.fragment and tag == 'a':
+            ids = doms[rel].ids if rel in doms else Dom(target.read_text(errors='replace')).ids
+            frag = unquote(parts.fragment)
+            if frag not in ids:
+                hint = ('; nbdev links every backticked name it knows, but a private name has no doc section: drop '
+                        'the backticks or add a show_doc for it') if frag.startswith('_') else ''
+                res.append(f'{page}: {href} (no anchor #{frag} in {rel}{hint})')
+    return res
+
+def public_names(nb_path):
+    "Public names a notebook's module defines itself, split into (functions and classes, other objects)"
+    nb = json.loads(Path(nb_path).read_text())
+    src = '\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code')
+    m = re.search(r'^\s*#\|\s*default_exp\s+(\S+)', src, re.M)
+    if not m: return [], []
+    mod = importlib.import_module(f"{build_docs.get_cfg().lib_name}.{m.group(1)}")
+    msrc = inspect.getsource(mod)
+    defs, data = [], []
+    for n in getattr(mod, '__all__', []):
+        o = getattr(mod, n)
+        if inspect.isclass(o) or inspect.isfunction(o):
+            if getattr(o, '__module__', None) == mod.__name__: defs.append(n)
+        elif re.search(rf'^(?:[\w\s,]*,\s*)?{re.escape(n)}\b[^\n=()]*=(?!=)', msrc, re.M): data.append(n)
+    return defs, data
+
+def nb_title(nb_path):
+    nb = json.loads(Path(nb_path).read_text())
+    md = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    return re.search(r'^#\s+(.+?)\s*$', md, re.M).group(1)
+
+def page_problems(site, page, nb_path, dom, doms, failed=()):
+    "Everything wrong with one rendered page, each naming the page"
+    res = []
+    title, site_title = nb_title(nb_path), build_docs.get_cfg().title
+    want = site_title if title == site_title else f'{site_title} - {title}'
+    if dom.title.strip() != want: res.append(f'{page}: page title is {dom.title.strip()!r}, expected {want!r}')
+    h1 = [b for b in dom.blocks if b[0] == 'h' and b[1] == 1]
+    if not h1 or h1[0][4].strip() != title: res.append(f"{page}: first heading is {h1[0][4].strip() if h1 else None!r}, expected {title!r}")
+    defs, data = public_names(nb_path)
+    for n in defs:
+        i = dom.heading(n.lower())
+        if i is None: res.append(f'{page}: no signature section for {n} (no heading #{n.lower()})')
+        elif not re.search(rf'\b{re.escape(n)}\s*\(', dom.section_code(i)):
+            res.append(f'{page}: the section of {n} shows no signature `{n}(...)`')
+    for n in data:
+        if dom.heading(n.lower()) is None and not any(re.match(rf'{re.escape(n)}\b', c) for c in dom.inline):
+            res.append(f'{page}: public name {n} is not documented on the page')
+    for code in dom.code:
+        for line in code.splitlines():
+            if re.match(r'\s*#\|', line): res.append(f'{page}: raw directive in a code block: {line.strip()!r}')
+    prose = ''.join(dom.prose)
+    for m in re.finditer(r'#\|\s*[\w-]+', prose): res.append(f'{page}: raw directive in the text: {m.group(0)!r}')
+    for m in re.finditer(r'\{target=[^}]*\}?', prose + '\n'.join(dom.code)):
+        res.append(f'{page}: raw link attributes in the text: {m.group(0)[:60]!r}')
+    res += link_problems(site, page, dom, doms, failed)
+    return res
+
+# ---------------------------------------------------------------- the site, built once
+NOTEBOOKS = build_docs.doc_notebooks()
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    dest = tmp_path_factory.mktemp('docs')/'_site'
+    pages, failed = build_docs.build(dest, quiet=True, keep_going=True)
+    if SHOTS.exists(): shutil.rmtree(SHOTS)
+    SHOTS.mkdir(parents=True)
+    def render(p):
+        page = p['page']
+        return page, dump_dom(dest/page), screenshot(dest/page, SHOTS/(page.replace('/', '_')[:-5] + '.png'))
+    with ThreadPoolExecutor(2) as ex: rendered = list(ex.map(render, pages))
+    doms, shots = {}, {}
+    for page, raw, png in rendered: doms[page], shots[page] = Dom(raw), png
+    kept = [shots[p] for p in KEEP_SHOTS if p in shots]
+    print(f"\nbuilt {len(pages)} pages in {dest}; screenshots in {SHOTS}: " + ', '.join(map(str, kept)))
+    return dict(dest=dest, pages={p['page']: p for p in pages}, failed=failed, doms=doms, shots=shots)
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_page(site, nb):
+    page = build_docs.page_name(nb, nb.parent)
+    if page in site['failed']: pytest.fail(site['failed'][page], pytrace=False)
+    assert page in site['pages'], f'{nb.name} produced no page'
+    probs = page_problems(site['dest'], page, nb, site['doms'][page], site['doms'], site['failed'])
+    if (r := blank_reason(site['shots'][page])): probs.append(f'{page}: screenshot {r}')
+    if probs: pytest.fail(f'{len(probs)} problems on {page}:\n' + '\n'.join(probs), pytrace=False)
+
+def test_site_navigation(site):
+    "Every page's navigation bar links every page; the core and learner screenshots are kept"
+    pages = set(site['pages'])
+    for page, dom in ((p, site['doms'][p]) for p in pages):
+        nav = {h for t, h in dom.links if t == 'a' and h.endswith('.html') and '/' not in h}
+        assert pages <= nav | {page}, f'{page}: navigation bar misses {sorted(pages - nav - {page})}'
+    for p in KEEP_SHOTS:
+        if p in pages: assert site['shots'][p].exists() and site['shots'][p].parent == SHOTS
+    print('screenshots kept: ' + ', '.join(str(site['shots'][p]) for p in KEEP_SHOTS if p in pages))
+
+def test_broken_link_is_reported(tmp_path):
+    "The link check fails naming the page and the link for a missing page, a missing anchor and a missing image"
+    (tmp_path/'a.html').write_text('<html><head><title>a</title></head><body><h1 id="top">A</h1>'
+                                   '<a href="b.html#there">ok</a> <a href="#top">ok</a> <a href="b.html#nowhere">x</a>'
+                                   '<a href="missing.html">y</a><img src="figs/none.png"></body></html>')
+    (tmp_path/'b.html').write_text('<html><head><title>b</title></head><body><h2 id="there">B</h2></body></html>')
+    doms = {p: Dom(dump_dom(tmp_path/p)) for p in ('a.html', 'b.html')}
+    probs = link_problems(tmp_path, 'a.html', doms['a.html'], doms)
+    assert len(probs) == 3, probs
+    assert any(p.startswith('a.html: b.html#nowhere') for p in probs), probs
+    assert any(p.startswith('a.html: missing.html') for p in probs), probs
+    assert any(p.startswith('a.html: figs/none.png') for p in probs), probs
+    assert link_problems(tmp_path, 'b.html', doms['b.html'], doms) == []

@@ -5,10 +5,17 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #367e5de6
-import fastcb.core, fastcb.learner
+# %% ../nbs/99_all.ipynb #bb5373fa
+import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics
 from .core import *
 from .learner import *
+from .preds import *
+from .progress import *
+from .schedule import *
+from .tracker import *
+from .training import *
+from .metrics import *
 
-_modules = [fastcb.core, fastcb.learner]
+_modules = [fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training,
+            fastcb.metrics]
 __all__ = [n for m in _modules for n in m.__all__]

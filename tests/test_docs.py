@@ -3,7 +3,8 @@ open every page in headless Chromium and check the page title, a signature secti
 notebook's module, no leftover `#|` directive or `{target=...}` text, that every internal link resolves, and that the
 screenshot is not blank. Screenshots are kept in `$TMPDIR/fastcb-docs-screenshots/` (the core and learner pages are
 named in the output). Skips when pandoc or chromium is missing (`apt-get install pandoc chromium`)."""
-import importlib, importlib.util, inspect, json, re, shutil, subprocess, sys, tempfile
+import fcntl, importlib, warnings, importlib.util, inspect, json, os, re, shutil, subprocess, sys, tempfile
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,7 +24,6 @@ KEEP_SHOTS = ('core.html', 'learner.html')
 _missing = [t for t, ok in (('pandoc', shutil.which('pandoc')), ('chromium', CHROMIUM)) if not ok]
 pytestmark = [pytest.mark.skipif(bool(_missing), reason=f"docs browser check needs {' and '.join(_missing)} "
                                  f"(apt-get install pandoc chromium)")]
-if importlib.util.find_spec('xdist'): pytestmark.append(pytest.mark.xdist_group('docs'))  # one worker builds the site
 
 # ---------------------------------------------------------------- reading the page Chromium rendered
 class Dom(HTMLParser):
@@ -177,21 +177,45 @@ def page_problems(site, page, nb_path, dom, doms, failed=()):
 # ---------------------------------------------------------------- the site, built once
 NOTEBOOKS = build_docs.doc_notebooks()
 
-@pytest.fixture(scope='module')
-def site(tmp_path_factory):
-    dest = tmp_path_factory.mktemp('docs')/'_site'
-    pages, failed = build_docs.build(dest, quiet=True, keep_going=True)
+@contextmanager
+def shared_dir(tmp_path_factory, name):
+    "A folder shared by the pytest-xdist workers of this run, held under a lock; yields (folder, already built)"
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'): base = base.parent
+    with open(base/f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try: yield base/name, (base/name/'.done').exists()
+        finally: fcntl.flock(lock, fcntl.LOCK_UN)
+
+def _build_site(dest):
+    "Build the site into `dest`/_site, render every page with Chromium (DOM dump + screenshot); return the summary"
+    site = dest/'_site'
+    pages, failed = build_docs.build(site, quiet=True, keep_going=True)
     if SHOTS.exists(): shutil.rmtree(SHOTS)
     SHOTS.mkdir(parents=True)
+    (dest/'dom').mkdir()
     def render(p):
-        page = p['page']
-        return page, dump_dom(dest/page), screenshot(dest/page, SHOTS/(page.replace('/', '_')[:-5] + '.png'))
+        page, stem = p['page'], p['page'].replace('/', '_')[:-5]
+        (dest/'dom'/f'{stem}.html').write_text(dump_dom(site/page))
+        return page, str(dest/'dom'/f'{stem}.html'), str(screenshot(site/page, SHOTS/f'{stem}.png'))
     with ThreadPoolExecutor(2) as ex: rendered = list(ex.map(render, pages))
-    doms, shots = {}, {}
-    for page, raw, png in rendered: doms[page], shots[page] = Dom(raw), png
-    kept = [shots[p] for p in KEEP_SHOTS if p in shots]
-    print(f"\nbuilt {len(pages)} pages in {dest}; screenshots in {SHOTS}: " + ', '.join(map(str, kept)))
-    return dict(dest=dest, pages={p['page']: p for p in pages}, failed=failed, doms=doms, shots=shots)
+    kept = [png for page, _, png in rendered if page in KEEP_SHOTS]
+    print(f"\nbuilt {len(pages)} pages in {site}; screenshots in {SHOTS}: " + ', '.join(kept))
+    return dict(site=str(site), failed=failed, pages={page: dict(dom=dom, shot=png) for page, dom, png in rendered})
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    "The docs site, built once per test run (shared by pytest-xdist workers)"
+    with shared_dir(tmp_path_factory, 'docs') as (d, done):
+        if not done:
+            if d.exists(): shutil.rmtree(d)
+            d.mkdir()
+            (d/'site.json').write_text(json.dumps(_build_site(d)))
+            (d/'.done').touch()
+        info = json.loads((d/'site.json').read_text())
+    doms = {page: Dom(Path(v['dom']).read_text()) for page, v in info['pages'].items()}
+    shots = {page: Path(v['shot']) for page, v in info['pages'].items()}
+    return dict(dest=Path(info['site']), pages=info['pages'], failed=info['failed'], doms=doms, shots=shots)
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_page(site, nb):
@@ -210,7 +234,10 @@ def test_site_navigation(site):
         assert pages <= nav | {page}, f'{page}: navigation bar misses {sorted(pages - nav - {page})}'
     for p in KEEP_SHOTS:
         if p in pages: assert site['shots'][p].exists() and site['shots'][p].parent == SHOTS
-    print('screenshots kept: ' + ', '.join(str(site['shots'][p]) for p in KEEP_SHOTS if p in pages))
+    kept = ', '.join(str(site['shots'][p]) for p in KEEP_SHOTS if p in pages)
+    print(f'screenshots kept: {kept}')
+    # a warning is the one channel pytest shows under -q and pytest-xdist alike: name the files for the reader
+    warnings.warn(f'[info] {len(pages)} docs pages checked; screenshots in {SHOTS} (core, learner: {kept})')
 
 def test_broken_link_is_reported(tmp_path):
     "The link check fails naming the page and the link for a missing page, a missing anchor and a missing image"

@@ -8,7 +8,7 @@ import pytest
 
 root = Path(__file__).resolve().parent.parent
 NBS = root/'nbs'
-NB_TIMEOUT = int(os.environ.get('FASTCB_NB_TIMEOUT', 300))
+NB_TIMEOUT = int(os.environ.get('FASTCB_NB_TIMEOUT', 180))
 NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith(('_', '.')))
 _NO_NET = 'http://127.0.0.1:9'  # discard port: connections are refused at once
 

@@ -1,11 +1,20 @@
 """Exact resume across processes: a training killed with SIGKILL in the middle of an epoch and resumed from the latest
 checkpoint in a new process ends with bit-identical weights, `recorder.losses` and `recorder.values` (CPU)."""
-import os, random, signal, subprocess, sys, textwrap
+import faulthandler, os, random, signal, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
 import torch
 
 TIMEOUT = 120  # seconds per process
+LIMIT = 4*TIMEOUT  # seconds per test
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    "Bound every test: a hung test dumps its traceback and ends the run instead of hanging CI"
+    faulthandler.dump_traceback_later(LIMIT, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 SCRIPT = textwrap.dedent('''
     import os, random, signal, sys
@@ -100,3 +109,32 @@ def test_resume_twice(tmp_path, ref_out):
     assert res.returncode == 0, res.stderr
     assert '_epoch1_end' in res.stdout, res.stdout  # checkpoints at 25 and at the end of epoch 2 (26); killed at 29
     check_same(ref_out, res_out)
+
+def test_resume_with_worker_processes(tmp_path):
+    "A loader with worker processes and random augmentation inside them replays too (in-process interruption)"
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    from fastcb.core import Callback
+    from fastcb.learner import Learner, DataLoaders
+    from fastcb.checkpoint import CheckpointCallback
+    class Augmented(Dataset):
+        def __init__(self): g = torch.Generator().manual_seed(0); self.x = torch.randn(96, 4, generator=g); self.y = (self.x[:, 0] > 0).long()
+        def __len__(self): return len(self.x)
+        def __getitem__(self, i): return self.x[i] + 0.1*torch.randn(4), self.y[i]  # drawn in the worker
+    def mk(seed=0):
+        torch.manual_seed(seed)
+        dls = DataLoaders(DataLoader(Augmented(), batch_size=8, shuffle=True, num_workers=2, timeout=60),
+                          DataLoader(Augmented(), batch_size=32), device='cpu')
+        l = Learner(dls, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), loss_func=nn.CrossEntropyLoss())
+        l.logger = lambda row: None
+        return l
+    class Stop(Callback):
+        def after_batch(self):
+            if self.train_iter == 17: raise KeyboardInterrupt()
+    ref = mk(); ref.fit(2)
+    l = mk()
+    with pytest.raises(KeyboardInterrupt): l.fit(2, cbs=[CheckpointCallback(every_n_iters=5, path=tmp_path), Stop()])
+    l = mk(seed=3)
+    l.fit(2, cbs=CheckpointCallback(every_n_iters=5, path=tmp_path), resume='latest')
+    assert all(torch.equal(a, b) for a,b in zip(l.model.parameters(), ref.model.parameters()))
+    assert l.recorder.losses == ref.recorder.losses and l.recorder.values == ref.recorder.values

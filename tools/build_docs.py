@@ -12,7 +12,7 @@ navigation bar linking every page in the sidebar's order. Links to the online do
     python tools/build_docs.py --dest /tmp/site 00_core.ipynb
 """
 from __future__ import annotations
-import argparse, base64, html, json, os, re, shutil, subprocess, sys
+import argparse, base64, html, json, os, re, shutil, subprocess, sys, warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,7 +77,10 @@ def process_nb(nb_path:Path):
     old = os.environ.get('IN_TEST')
     os.environ['IN_TEST'] = '1'  # as nbdev's serve_drv does while processing
     try:
-        with _working_dir(nb_path.parent): NBProcessor(nb=nb, procs=FilterDefaults().procs()).process()
+        with _working_dir(nb_path.parent), warnings.catch_warnings(record=True) as ws:
+            warnings.simplefilter('always')
+            NBProcessor(nb=nb, procs=FilterDefaults().procs()).process()
+        nb.warnings_ = [str(w.message).strip() for w in ws]
     except Exception as e:
         hint = ("\n(nbdev's docs processing runs only the export cells and the cells that import something; a cell that "
                 "mixes imports with code needing earlier cells fails here and in quarto's `nbdev_docs` alike: move "
@@ -246,7 +249,9 @@ def build(dest:str|Path=root/'_site', # Output folder (emptied first)
             _copy_md_assets(md, nb_path.parent, dest)
             pages.append(dict(notebook=nb_path, page=page, title=title, description=str(fm.get('description', '')),
                               site_title=site_title, md=md))
-            if not quiet: print(f'processed {nb_path.name} -> {page}', flush=True)
+            if not quiet:
+                n = len(getattr(nb, 'warnings_', []))
+                print(f'processed {nb_path.name} -> {page}' + (f' ({n} nbdev warnings)' if n else ''), flush=True)
     styles = nbs_path/'styles.css'
     css = []
     if styles.exists(): shutil.copy(styles, dest/'styles.css'); css.append('styles.css')

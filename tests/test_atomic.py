@@ -1,0 +1,122 @@
+"""Crash-safe writes: a process killed with SIGKILL in the middle of writing a checkpoint (or `learn.save`) leaves the
+previous file intact and loadable, and a training resumes from it."""
+import faulthandler, os, select, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from fastcb.core import *
+from fastcb.learner import *
+from fastcb.learner import _checkpoint_files
+from fastcb.checkpoint import CheckpointCallback
+
+TIMEOUT = 120
+LIMIT = 3*TIMEOUT  # seconds per test
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    "Bound every test: a hung test dumps its traceback and ends the run instead of hanging CI"
+    faulthandler.dump_traceback_later(LIMIT, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+COMMON = textwrap.dedent('''
+    import io, os, sys, time
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from fastcb.core import *
+    from fastcb.learner import *
+    from fastcb.checkpoint import CheckpointCallback
+    torch.set_num_threads(1)
+    real_save,n_saves = torch.save,[0]
+    def slow_save(obj, f, *args, **kwargs):
+        "From the `slow_from`-th call on, write half the bytes, then hang (the test kills us during the write)"
+        n_saves[0] += 1
+        if n_saves[0] < slow_from: return real_save(obj, f, *args, **kwargs)
+        buf = io.BytesIO(); real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        f.write(data[:len(data)//2]); f.flush(); os.fsync(f.fileno())
+        print('WRITING', os.path.realpath(f'/proc/self/fd/{f.fileno()}') if os.path.exists('/proc/self/fd') else '?', flush=True)
+        time.sleep(600)
+    torch.save = slow_save
+    def mk_learner(path):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g); y = x.sum(1, keepdim=True)
+        dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True),
+                          DataLoader(TensorDataset(x, y), batch_size=16), device='cpu')
+        torch.manual_seed(0)
+        learn = Learner(dls, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), loss_func=nn.MSELoss(), path=path)
+        learn.logger = lambda row: None
+        return learn
+''')
+
+CKPT = COMMON + textwrap.dedent('''
+    folder,slow_from = sys.argv[1],int(sys.argv[2])
+    mk_learner(folder).fit(3, cbs=CheckpointCallback(every_n_iters=2, path='ckpt', keep=2))
+''')
+
+SAVE = COMMON + textwrap.dedent('''
+    folder,slow_from = sys.argv[1],2
+    learn = mk_learner(folder)
+    learn.fit(1)
+    learn.save('model')                                     # the good file
+    real_save({k: v.clone() for k,v in learn.model.state_dict().items()}, os.path.join(folder, 'expected.pt'))
+    learn.fit(1)
+    learn.save('model')                                     # killed while overwriting it
+''')
+
+def run_until_writing(script, *args):
+    "Start `script`, wait until it is in the middle of a slow write, SIGKILL it; returns the name of the file being written"
+    p = subprocess.Popen([sys.executable, '-c', script, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline,line = time.time() + TIMEOUT,''
+        while time.time() < deadline and 'WRITING' not in line:
+            r,_,_ = select.select([p.stdout], [], [], 1)
+            if r: line = p.stdout.readline()
+            if not line and p.poll() is not None: pytest.fail(f"the script ended without a slow write: {p.stderr.read()}")
+        assert 'WRITING' in line, 'timed out'
+        time.sleep(0.2)
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=30) == -signal.SIGKILL
+        return line.split('WRITING ', 1)[1].strip()
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+
+def test_kill_during_checkpoint_write(tmp_path):
+    writing = Path(run_until_writing(CKPT, tmp_path, 5))    # 4 checkpoints written, killed while writing the 5th
+    folder = tmp_path/'ckpt'
+    assert writing.parent == folder and writing.name.startswith('.') and writing.name.endswith('.tmp'), writing
+    assert writing.exists() and writing.stat().st_size > 0  # the half-written temporary file
+    files = _checkpoint_files(folder)
+    assert [f.name for f in files] == ['checkpoint_000003_epoch0_iter6.pth', 'checkpoint_000004_epoch0_iter8.pth'], files
+    for f in files:                                         # intact and loadable, safely
+        sd = torch.load(f, weights_only=True)
+        assert sd['format'] == 'fastcb.checkpoint'
+    # a new training resumes from the latest complete checkpoint, ignoring the temporary file
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g); y = x.sum(1, keepdim=True)
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), DataLoader(TensorDataset(x, y), batch_size=16), device='cpu')
+    learn = Learner(dls, nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), loss_func=nn.MSELoss(), path=tmp_path)
+    learn.logger = lambda row: None
+    cb = CheckpointCallback(every_n_iters=2, path='ckpt', keep=2)
+    learn.fit(3, cbs=cb, resume='latest')
+    assert learn.train_iter == 24 and len(learn.recorder.values) == 3
+    assert len(learn.recorder.losses) == 24                 # 8 restored from the checkpoint + 16 trained after it
+    assert writing.exists() and not _checkpoint_files(folder)[-1].name.startswith('.')
+
+def test_kill_during_learn_save(tmp_path):
+    writing = Path(run_until_writing(SAVE, tmp_path))
+    model_file = tmp_path/'models'/'model.pth'
+    assert writing.parent == model_file.parent and writing.name.endswith('.tmp')
+    sd = torch.load(model_file, weights_only=True)         # the previous save, intact
+    expected = torch.load(tmp_path/'expected.pt', weights_only=True)
+    assert sd.keys() == {'model', 'opt'}
+    assert all(torch.equal(sd['model'][k], v) for k,v in expected.items())
+    learn = Learner(DataLoaders(DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4), device='cpu'),
+                    nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), loss_func=nn.MSELoss(), path=tmp_path)
+    learn.load('model')
+    assert all(torch.equal(learn.model.state_dict()[k], v) for k,v in expected.items())

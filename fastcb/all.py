@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #bb5373fa
-import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics
+# %% ../nbs/99_all.ipynb #f5ddf521
+import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.checkpoint
 from .core import *
 from .learner import *
 from .preds import *
@@ -15,7 +15,8 @@ from .schedule import *
 from .tracker import *
 from .training import *
 from .metrics import *
+from .checkpoint import *
 
 _modules = [fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training,
-            fastcb.metrics]
+            fastcb.metrics, fastcb.checkpoint]
 __all__ = [n for m in _modules for n in m.__all__]

@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="this torch build has no torch.distributed gloo backend")
 JOB_TIMEOUT = 240  # seconds; the jobs take ~10-30 s on 2 idle cores
 
 COMMON = '''
@@ -172,7 +174,6 @@ def job(tmp_path_factory):
 
 def _single(bs=16, **kw):
     "The single-process learner the torchrun job's learners are compared with"
-    sys.path.insert(0, str(ROOT))
     ns = {}
     exec(COMMON, ns)
     x, y = ns['data'](256)

@@ -2,7 +2,7 @@
 which skips nothing here but runs cells in its own shell). A failure names the notebook and the cell. The kernel runs
 in nbs/ with its proxies pointed at a closed port, so a cell that reaches for the network fails instead of hanging.
 Each notebook has a time budget of NB_TIMEOUT seconds (env FASTCB_NB_TIMEOUT)."""
-import json, os, re, time
+import json, os, re, time, warnings
 from pathlib import Path
 import pytest
 
@@ -24,7 +24,9 @@ def run_notebook(path, timeout=NB_TIMEOUT, cwd=None):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     path = Path(path)
-    nb = nbformat.read(path, as_version=4)
+    with warnings.catch_warnings():  # cells without ids (nbdev_clean adds them) are fine for running
+        warnings.simplefilter('ignore')
+        nb = nbformat.read(path, as_version=4)
     deadline = time.monotonic() + timeout
     state = {}
     def cell_timeout(cell): return max(1, int(deadline - time.monotonic()))

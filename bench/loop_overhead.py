@@ -353,16 +353,18 @@ def variants(args):
     "(name, framework, task, extra, group) of every variant to run; `group` names its raw-loop reference"
     vs = []
     fws = [f for f in ('fastcb', 'fastai', 'lightning', 'ignite') if f in args.frameworks]
-    vs.append(('raw loop (MLP)', 'raw', 'mlp', '', 'mlp'))
-    for fw in fws:
+    if not args.no_mlp: vs.append(('raw loop (MLP)', 'raw', 'mlp', '', 'mlp'))
+    for fw in (fws if not args.no_mlp else []):
         vs.append((f'{fw} (MLP)', fw, 'mlp', '', 'mlp'))
         vs.append((f'{fw} + progress bar (MLP)', fw, 'mlp', 'progress', 'mlp'))
         vs.append((f'{fw} + {N_CBS} cbs (MLP)', fw, 'mlp', 'cbs', 'mlp'))
-    if 'fastcb' in fws and args.profile: vs.append(('fastcb + profile_callbacks on (MLP)', 'fastcb', 'mlp', 'profile', 'mlp'))
-    for p in args.patch: vs.append((f'fastcb, patch {p} (MLP)', 'fastcb', 'mlp', '', 'mlp', p))
+    if not args.no_mlp:
+        if 'fastcb' in fws and args.profile: vs.append(('fastcb + profile_callbacks on (MLP)', 'fastcb', 'mlp', 'profile', 'mlp'))
+        for p in args.patch: vs.append((f'fastcb, patch {p} (MLP)', 'fastcb', 'mlp', '', 'mlp', p))
     if not args.no_conv:
         vs.append(('raw loop (conv)', 'raw', 'conv', '', 'conv'))
         for fw in fws: vs.append((f'{fw} (conv)', fw, 'conv', '', 'conv'))
+        for p in args.patch: vs.append((f'fastcb, patch {p} (conv)', 'fastcb', 'conv', '', 'conv', p))
     return vs
 
 def med(xs): return statistics.median(xs) if xs else float('nan')
@@ -375,7 +377,8 @@ def main():
     ap.add_argument('--rounds', type=int, default=15, help='epochs timed per variant (interleaved)')
     ap.add_argument('--quick', action='store_true', help='5 rounds, fewer batches')
     ap.add_argument('--frameworks', default='fastcb,fastai,lightning,ignite')
-    ap.add_argument('--no-conv', action='store_true'); ap.add_argument('--profile', action='store_true',
+    ap.add_argument('--no-conv', action='store_true'); ap.add_argument('--no-mlp', action='store_true')
+    ap.add_argument('--profile', action='store_true',
                     help='also time fastcb with profile_callbacks() on')
     ap.add_argument('--patch', action='append', default=[], help='experimental fastcb loop patch (see _apply_patch)')
     ap.add_argument('--json', help='also write the results to this file')

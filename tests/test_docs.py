@@ -3,7 +3,7 @@ open every page in headless Chromium and check the page title, a signature secti
 notebook's module, no leftover `#|` directive or `{target=...}` text, that every internal link resolves, and that the
 screenshot is not blank. Screenshots are kept in `$TMPDIR/fastcb-docs-screenshots/` (the core and learner pages are
 named in the output). Skips when pandoc or chromium is missing (`apt-get install pandoc chromium`)."""
-import fcntl, importlib, warnings, importlib.util, inspect, json, os, re, shutil, subprocess, sys, tempfile
+import fcntl, importlib, importlib.util, inspect, json, os, re, shutil, subprocess, sys, tempfile, warnings
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser

@@ -1,18 +1,28 @@
 """Write README.md from nbs/index.ipynb (nbdev_readme needs quarto, which these machines lack).
 
-Markdown cells are copied, code cells become ```python blocks followed by their text output; cells marked `#| hide`
+Markdown cells are copied, code cells become ```python blocks followed by their outputs (text, or HTML tables); cells marked `#| hide`
 are skipped, as are nbdev's front-matter quote line. `python tools/make_readme.py --check` exits 1 when README.md is stale."""
 import json, re, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
 
-def _out_text(outs):
-    res = []
+def _outputs(outs):
+    "Markdown for a cell's outputs: text in a ```text block, an HTML display (the epoch table) as HTML"
+    res,txt = [],[]
+    def flush():
+        t = ''.join(txt).rstrip('\n')
+        if t: res.append(f'```text\n{t}\n```')
+        txt.clear()
     for o in outs:
-        if o.get('output_type') == 'stream': res.append(''.join(o.get('text', '')))
-        elif 'data' in o and 'text/plain' in o['data']: res.append(''.join(o['data']['text/plain']) + '\n')
-    return ''.join(res).rstrip('\n')
+        if o.get('output_type') == 'stream': txt.append(''.join(o.get('text', '')))
+        elif 'data' in o:
+            plain = ''.join(o['data'].get('text/plain', ''))
+            if 'text/html' in o['data'] and (not plain or plain.startswith('<IPython.core.display')):
+                flush(); res.append(''.join(o['data']['text/html']))
+            elif plain: txt.append(plain + '\n')
+    flush()
+    return res
 
 def render(nb_path=root/'nbs'/'index.ipynb'):
     nb = json.loads(Path(nb_path).read_text())
@@ -26,8 +36,7 @@ def render(nb_path=root/'nbs'/'index.ipynb'):
             code = '\n'.join(l for l in lines if not l.startswith('#|')).strip()
             if not code: continue
             parts.append(f'```python\n{code}\n```')
-            out = _out_text(c.get('outputs', []))
-            if out: parts.append(f'```text\n{out}\n```')
+            parts += _outputs(c.get('outputs', []))
     return '\n\n'.join(parts).strip() + '\n'
 
 if __name__ == '__main__':

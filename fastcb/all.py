@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #f5ddf521
-import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.checkpoint
+# %% ../nbs/99_all.ipynb #28d22ee3
+import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.checkpoint, fastcb.distributed
 from .core import *
 from .learner import *
 from .preds import *
@@ -16,7 +16,8 @@ from .tracker import *
 from .training import *
 from .metrics import *
 from .checkpoint import *
+from .distributed import *
 
 _modules = [fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training,
-            fastcb.metrics, fastcb.checkpoint]
+            fastcb.metrics, fastcb.checkpoint, fastcb.distributed]
 __all__ = [n for m in _modules for n in m.__all__]

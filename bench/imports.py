@@ -3,7 +3,7 @@
 
 Each statement runs in fresh interpreters, interleaved, several times; the table gives the median wall and CPU time
 of the whole process (start-up + imports + exit), the import's own time measured inside a process that imported torch
-first, and what the import pulled in besides torch. See bench/README.md.
+first, and the heavy packages it loaded that `import torch` had not. See bench/README.md.
 
     python bench/imports.py            # 9 rounds
     python bench/imports.py --rounds 3
@@ -30,9 +30,10 @@ import sys, time, json
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
+before = set(sys.modules)
 {stmt}
 t2 = time.perf_counter()
-print(json.dumps({{'torch': t1 - t0, 'rest': t2 - t1, 'mods': sorted(m for m in {heavy!r} if m in sys.modules)}}))
+print(json.dumps({{'torch': t1 - t0, 'rest': t2 - t1, 'mods': sorted(m for m in {heavy!r} if m in set(sys.modules) - before)}}))
 """
 
 def _child_cpu():
@@ -83,7 +84,7 @@ def main():
     print(f"# median of {args.rounds} fresh processes per statement, interleaved (file cache warm); 'CPU' is the "
           f"process's user+sys time, steadier than wall time on a busy machine")
     print()
-    print(f"| {'statement':34} | {'wall s':>6} | {'CPU s':>6} | {'CPU on top of torch':>19} | {'in-process, after torch':>23} | also imported |")
+    print(f"| {'statement':34} | {'wall s':>6} | {'CPU s':>6} | {'CPU on top of torch':>19} | {'in-process, after torch':>23} | heavy packages it loaded |")
     print(f"|{'-'*36}|{'-'*7}:|{'-'*7}:|{'-'*20}:|{'-'*24}:|---|")
     rows = []
     base = med(cpus['import torch'])

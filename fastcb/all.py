@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #28d22ee3
-import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.checkpoint, fastcb.distributed
+# %% ../nbs/99_all.ipynb #2e90e5b0
+import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.checkpoint, fastcb.distributed, fastcb.profile
 from .core import *
 from .learner import *
 from .preds import *
@@ -17,7 +17,8 @@ from .training import *
 from .metrics import *
 from .checkpoint import *
 from .distributed import *
+from .profile import *
 
 _modules = [fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training,
-            fastcb.metrics, fastcb.checkpoint, fastcb.distributed]
+            fastcb.metrics, fastcb.checkpoint, fastcb.distributed, fastcb.profile]
 __all__ = [n for m in _modules for n in m.__all__]

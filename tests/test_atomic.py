@@ -1,6 +1,6 @@
 """Crash-safe writes: a process killed with SIGKILL in the middle of writing a checkpoint (or `learn.save`) leaves the
 previous file intact and loadable, and a training resumes from it."""
-import faulthandler, os, select, signal, subprocess, sys, textwrap, time
+import os, select, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 import torch
@@ -14,13 +14,6 @@ from fastcb.checkpoint import CheckpointCallback
 TIMEOUT = 120
 LIMIT = 3*TIMEOUT  # seconds per test
 
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    "Bound every test: a hung test dumps its traceback and ends the run instead of hanging CI"
-    faulthandler.dump_traceback_later(LIMIT, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 COMMON = textwrap.dedent('''
     import io, os, sys, time

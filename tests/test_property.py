@@ -4,7 +4,7 @@ Random callbacks raise random cancel exceptions (and other errors) at random eve
 `get_preds`; the recorded event trace must follow the loop grammar of API.md, `after_fit` must run exactly once unless an
 exception escapes (then `after_exception` runs once, last), the learner must be cleaned up, and it must then train exactly
 like a fresh learner with the same weights and optimizer state."""
-import copy, faulthandler, random, tempfile
+import copy, random, tempfile
 from pathlib import Path
 import pytest
 import torch
@@ -20,13 +20,6 @@ torch.set_num_threads(1)
 LIMIT = 240  # seconds per test
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
 
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    "Bound every test: a hung test dumps its traceback and ends the run instead of hanging CI"
-    faulthandler.dump_traceback_later(LIMIT, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The loop grammar of API.md, written as a recogniser that mirrors the scopes (it does not call fastcb's loop)

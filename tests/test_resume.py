@@ -1,6 +1,6 @@
 """Exact resume across processes: a training killed with SIGKILL in the middle of an epoch and resumed from the latest
 checkpoint in a new process ends with bit-identical weights, `recorder.losses` and `recorder.values` (CPU)."""
-import faulthandler, os, random, signal, subprocess, sys, textwrap
+import os, random, signal, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
 import torch
@@ -8,13 +8,6 @@ import torch
 TIMEOUT = 120  # seconds per process
 LIMIT = 4*TIMEOUT  # seconds per test
 
-
-@pytest.fixture(autouse=True)
-def _bounded():
-    "Bound every test: a hung test dumps its traceback and ends the run instead of hanging CI"
-    faulthandler.dump_traceback_later(LIMIT, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 SCRIPT = textwrap.dedent('''
     import os, random, signal, sys

@@ -78,7 +78,8 @@ def ref_out(tmp_path_factory):
 def test_sigkill_mid_epoch_then_resume(tmp_path, ref_out):
     rng = random.Random()
     seed = rng.randrange(10**6); rng.seed(seed)
-    kill_at = N_ITER + rng.randrange(2, N_ITER-1)  # a random iteration in the middle of epoch 2
+    # a random iteration in the middle of epoch 2, after its first checkpoint (written at train_iter 15, after the batch)
+    kill_at = N_ITER + rng.randrange(3, N_ITER-1)
     print(f'kill at training iteration {kill_at} (seed {seed})')
     killed,_ = run(tmp_path, 'kill', kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)

@@ -9,6 +9,7 @@ first, and the heavy packages it loaded that `import torch` had not. See bench/R
     python bench/imports.py --rounds 3
 """
 from __future__ import annotations
+from _machine import machine_line
 import argparse, importlib.util, json, os, platform, resource, statistics, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,14 +74,7 @@ def main():
             _, v = run_once(stmt, True)
             inner[label].append(v['rest']); mods[label] = v['mods']
     med = statistics.median
-    import torch
-    cpu = platform.machine()
-    try:
-        for l in open('/proc/cpuinfo'):
-            if l.startswith('model name'): cpu = l.split(':', 1)[1].strip(); break
-    except OSError: pass
-    print(f"# bench/imports.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}, torch {torch.__version__}")
+    print(machine_line('imports.py'))
     print(f"# median of {args.rounds} fresh processes per statement, interleaved (file cache warm); 'CPU' is the "
           f"process's user+sys time, steadier than wall time on a busy machine")
     print()

@@ -8,6 +8,7 @@ order, so that all variants see the same machine noise, and reports medians over
     python bench/loop_overhead.py --quick      # fewer rounds, for a smoke test
 """
 from __future__ import annotations
+from _machine import machine_line
 import argparse, importlib.util, json, os, platform, statistics, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -429,14 +430,7 @@ def main():
                 row['calls_per_cb_per_epoch'] = calls
         rows.append(row)
 
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for l in open('/proc/cpuinfo'):
-            if l.startswith('model name'): cpu = l.split(':', 1)[1].strip(); break
-    except OSError: pass
-    print(f"# bench/loop_overhead.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu}, {os.cpu_count()} cores, python "
-          f"{platform.python_version()}, torch {torch.__version__}, 1 torch thread")
+    print(machine_line('loop_overhead.py') + ', 1 torch thread')
     print(f"# {args.rounds} interleaved epochs per variant (+{args.warmup} warm-up); an epoch = {nb['mlp']} MLP "
           f"(or {nb['conv']} conv) training batches of 64 + {max(1, nb['mlp']//5)} (or {max(1, nb['conv']//5)}) "
           f"validation batches; medians; CPU time of each process (wall-clock ratio for reference)")

@@ -3,13 +3,13 @@ open every page in headless Chromium and check the page title, a signature secti
 notebook's module, no leftover `#|` directive or `{target=...}` text, that every internal link resolves, and that the
 screenshot is not blank. Screenshots are kept in `$TMPDIR/fastcb-docs-screenshots/` (the core and learner pages are
 named in the output). Skips when pandoc or chromium is missing (`apt-get install pandoc chromium`)."""
-import fcntl, importlib, importlib.util, inspect, json, os, re, shutil, subprocess, sys, tempfile, warnings
-from contextlib import contextmanager
+import importlib, importlib.util, inspect, json, os, re, shutil, subprocess, sys, tempfile, warnings
 from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 import pytest
+from conftest import shared_dir
 
 root = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(root/'tools'))
@@ -177,15 +177,6 @@ def page_problems(site, page, nb_path, dom, doms, failed=()):
 # ---------------------------------------------------------------- the site, built once
 NOTEBOOKS = build_docs.doc_notebooks()
 
-@contextmanager
-def shared_dir(tmp_path_factory, name):
-    "A folder shared by the pytest-xdist workers of this run, held under a lock; yields (folder, already built)"
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get('PYTEST_XDIST_WORKER'): base = base.parent
-    with open(base/f'{name}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try: yield base/name, (base/name/'.done').exists()
-        finally: fcntl.flock(lock, fcntl.LOCK_UN)
 
 def _build_site(dest):
     "Build the site into `dest`/_site, render every page with Chromium (DOM dump + screenshot); return the summary"

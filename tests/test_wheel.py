@@ -9,11 +9,11 @@ instead of reinstalling 800 MB; everything else in the venv is what pip installs
 (in the warnings summary, and with `-rP`/`-s`): the time `import fastcb.all` adds after `import torch`, the best of 3
 fresh processes. It is reported, not asserted (timings are never asserted in tests); the assertion is that the import
 pulls in none of the heavy optional modules, which is what keeps it fast."""
-import configparser, email, fcntl, importlib.metadata as md, importlib.util, json, os, re, shutil, subprocess, sys
+import configparser, email, importlib.metadata as md, importlib.util, json, os, re, shutil, subprocess, sys
 import tarfile, warnings, zipfile
-from contextlib import contextmanager
 from pathlib import Path
 import pytest
+from conftest import shared_dir
 
 root = Path(__file__).resolve().parent.parent
 cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(root/'settings.ini')
@@ -27,15 +27,6 @@ def run(cmd, timeout=600, **kw):
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
 
-@contextmanager
-def shared_dir(tmp_path_factory, name):
-    "A folder shared by the pytest-xdist workers of this run, held under a lock; yields (folder, already built)"
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get('PYTEST_XDIST_WORKER'): base = base.parent
-    with open(base/f'{name}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try: yield base/name, (base/name/'.done').exists()
-        finally: fcntl.flock(lock, fcntl.LOCK_UN)
 
 @pytest.fixture(scope='module')
 def dist(tmp_path_factory):

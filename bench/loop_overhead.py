@@ -73,12 +73,12 @@ def w_raw(kind, train, valid, mk_model, loss_func, extra):
     return epoch
 
 def _noop_fastcb_cbs(n, counter=None):
-    from fastcb.core import Callback, _all_events
+    from fastcb.core import Callback, event
     def mk(e):
         if counter is None: return lambda self: None
         def f(self): counter[0] += 1
         return f
-    cls = type('Noop', (Callback,), {e: mk(e) for e in _all_events})
+    cls = type('Noop', (Callback,), {e: mk(e) for e in event})
     return [cls() for _ in range(n)]
 
 def w_fastcb(kind, train, valid, mk_model, loss_func, extra):
@@ -294,7 +294,7 @@ def worker_main(args):
     # the protocol uses a private copy of stdout; the variant's own prints (progress bars) go to /dev/null
     _PROTO = os.fdopen(os.dup(1), 'w')
     devnull = os.open(os.devnull, os.O_WRONLY); os.dup2(devnull, 1); os.dup2(devnull, 2)
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, args.root or ROOT)
     extra = {k: True for k in args.extra.split(',') if k}
     if args.patch: extra['patch'] = args.patch
     mk_model, loss_func, train, valid = make_task(args.task, args.batches, max(1, args.batches // 5))
@@ -320,12 +320,12 @@ def available(fw):
     except (ImportError, ValueError): return False
 
 class Worker:
-    def __init__(self, name, fw, task, extra, batches, patch=None):
+    def __init__(self, name, fw, task, extra, batches, patch=None, root=None):
         self.name, self.times, self.walls, self.info = name, [], [], {}
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', fw, '--task', task, '--extra', extra,
-               '--batches', str(batches)] + (['--patch', patch] if patch else [])
+               '--batches', str(batches)] + (['--patch', patch] if patch else []) + (['--root', root] if root else [])
         env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
-            [ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+            [root or ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
     def ready(self):
@@ -359,12 +359,17 @@ def variants(args):
         vs.append((f'{fw} (MLP)', fw, 'mlp', '', 'mlp'))
         vs.append((f'{fw} + progress bar (MLP)', fw, 'mlp', 'progress', 'mlp'))
         vs.append((f'{fw} + {N_CBS} cbs (MLP)', fw, 'mlp', 'cbs', 'mlp'))
+    if not args.no_mlp and args.base and 'fastcb' in fws:
+        vs += [('fastcb@base (MLP)', 'fastcb', 'mlp', '', 'mlp', None, args.base),
+               ('fastcb@base + progress bar (MLP)', 'fastcb', 'mlp', 'progress', 'mlp', None, args.base),
+               (f'fastcb@base + {N_CBS} cbs (MLP)', 'fastcb', 'mlp', 'cbs', 'mlp', None, args.base)]
     if not args.no_mlp:
         if 'fastcb' in fws and args.profile: vs.append(('fastcb + profile_callbacks on (MLP)', 'fastcb', 'mlp', 'profile', 'mlp'))
         for p in args.patch: vs.append((f'fastcb, patch {p} (MLP)', 'fastcb', 'mlp', '', 'mlp', p))
     if not args.no_conv:
         vs.append(('raw loop (conv)', 'raw', 'conv', '', 'conv'))
         for fw in fws: vs.append((f'{fw} (conv)', fw, 'conv', '', 'conv'))
+        if args.base and 'fastcb' in fws: vs.append(('fastcb@base (conv)', 'fastcb', 'conv', '', 'conv', None, args.base))
         for p in args.patch: vs.append((f'fastcb, patch {p} (conv)', 'fastcb', 'conv', '', 'conv', p))
     return vs
 
@@ -383,6 +388,9 @@ def main():
                     help='also time fastcb with profile_callbacks() on')
     ap.add_argument('--patch', action='append', default=[], help='experimental fastcb loop patch (see _apply_patch)')
     ap.add_argument('--json', help='also write the results to this file')
+    ap.add_argument('--base', help='a checkout of another fastcb version (e.g. `git worktree add /tmp/base <rev>`): '
+                                   'its variants run beside this one\'s, as `fastcb@base`')
+    ap.add_argument('--root', help=argparse.SUPPRESS)  # worker: where to import fastcb from
     args = ap.parse_args()
     if args.worker:
         args.patch = args.patch[0] if args.patch else None
@@ -398,7 +406,7 @@ def main():
     workers, notes = [], [f"{f}: not importable, skipped" for f in skipped]
     for v in variants(args):
         name, fw, task, extra, group = v[:5]
-        w = Worker(name, fw, task, extra, nb[task], v[5] if len(v) > 5 else None)
+        w = Worker(name, fw, task, extra, nb[task], *v[5:7])
         w.group, w.fw, w.extra = group, fw, extra
         workers.append(w)
     live = []
@@ -423,7 +431,8 @@ def main():
                'ratio': med([a / b for a, b in zip(w.times, ref.times)]),  # per round: same machine state
                'ratio_wall': med([a / b for a, b in zip(w.walls, ref.walls)])}
         if 'cbs' in w.extra:
-            base = next((o for o in live if o.fw == w.fw and o.group == w.group and o.extra == ''), None)
+            base = next((o for o in live if o.fw == w.fw and o.group == w.group and o.extra == ''
+                         and o.name.startswith(w.name.split(' ')[0] + ' ')), None)
             calls = w.info.get('calls_per_cb')
             if base is not None and calls:
                 row['ns_per_cb_call'] = med([(a - b) for a, b in zip(w.times, base.times)]) / (N_CBS * calls) * 1e9

@@ -5,20 +5,24 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #2e90e5b0
-import fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.checkpoint, fastcb.distributed, fastcb.profile
+# %% ../nbs/99_all.ipynb #ca9d4588
+import fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.preds, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile
 from .core import *
-from .learner import *
+from .data import *
+from .recorder import *
+from .optim import *
+from .checkpoint import *
 from .preds import *
+from .learner import *
 from .progress import *
 from .schedule import *
 from .tracker import *
 from .training import *
 from .metrics import *
-from .checkpoint import *
+from .shard import *
+from .comm import *
 from .distributed import *
 from .profile import *
 
-_modules = [fastcb.core, fastcb.learner, fastcb.preds, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training,
-            fastcb.metrics, fastcb.checkpoint, fastcb.distributed, fastcb.profile]
-__all__ = [n for m in _modules for n in m.__all__]
+_modules = [fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.preds, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile]
+__all__ = list(dict.fromkeys(n for m in _modules for n in m.__all__))

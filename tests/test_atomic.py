@@ -8,8 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from fastcb.core import *
 from fastcb.learner import *
-from fastcb.learner import _checkpoint_files
-from fastcb.checkpoint import CheckpointCallback
+from fastcb.checkpoint import CheckpointCallback, checkpoint_files
 
 TIMEOUT = 120
 LIMIT = 3*TIMEOUT  # seconds per test
@@ -83,7 +82,7 @@ def test_kill_during_checkpoint_write(tmp_path):
     folder = tmp_path/'ckpt'
     assert writing.parent == folder and writing.name.startswith('.') and writing.name.endswith('.tmp'), writing
     assert writing.exists() and writing.stat().st_size > 0  # the half-written temporary file
-    files = _checkpoint_files(folder)
+    files = checkpoint_files(folder)
     assert [f.name for f in files] == ['checkpoint_000003_epoch0_iter6.pth', 'checkpoint_000004_epoch0_iter8.pth'], files
     for f in files:                                         # intact and loadable, safely
         sd = torch.load(f, weights_only=True)
@@ -99,7 +98,7 @@ def test_kill_during_checkpoint_write(tmp_path):
     learn.fit(3, cbs=cb, resume='latest')
     assert learn.train_iter == 24 and len(learn.recorder.values) == 3
     assert len(learn.recorder.losses) == 24                 # 8 restored from the checkpoint + 16 trained after it
-    assert writing.exists() and not _checkpoint_files(folder)[-1].name.startswith('.')
+    assert writing.exists() and not checkpoint_files(folder)[-1].name.startswith('.')
 
 def test_kill_during_learn_save(tmp_path):
     writing = Path(run_until_writing(SAVE, tmp_path))

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from fastcb.core import Callback, CancelFitException
 from fastcb.learner import Learner, DataLoaders
-import fastcb.progress, fastcb.preds
+import fastcb.progress, fastcb.preds, fastcb.profile
 from fastcb.tracker import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback
 from fastcb.metrics import CSVLogger
 from fastcb.checkpoint import CheckpointCallback
@@ -109,6 +109,18 @@ with learn.distrib_ctx():
 learn = mk(shuffle=True)
 with learn.distrib_ctx(): learn.fit(2, resume=out/'ckpt')
 R['resumed'] = {k: v.clone() for k,v in learn.model.state_dict().items()}
+
+# profiling inside distrib_ctx: after the profiler stops, training is still DDP and still syncs the gradients
+learn = mk(shuffle=True)
+seen = set()
+def spy(self):
+    if self.learn.training: seen.add((self.learn.epoch, self.learn.n_epoch, type(self.learn.model).__name__))
+def snap(self): R['prof_weights'] = {k: v.clone() for k,v in self.learn.model.state_dict().items()}  # before after_fit
+with learn.distrib_ctx():
+    with learn.profile_callbacks(show=False) as prof: learn.fit(1, cbs=Callback(before_batch=spy))
+    R['prof_rows'] = len(prof.stats())
+    learn.fit(2, cbs=[Callback(before_batch=spy), Callback(after_train=snap)])
+R['prof_seen'] = seen
 
 # bad input: more processes than training items; a model that differs across processes
 def error_of(f):
@@ -256,3 +268,13 @@ def test_crash_on_one_rank_ends_the_job(tmp_path):
     assert rc != 0
     assert 'RuntimeError: boom on rank 1' in output
     assert 'ChildFailedError' in output  # torchrun stopped the other process and reported the failure
+
+
+def test_profiling_inside_distrib_ctx_keeps_ddp(job):
+    res, _ = job
+    for r in res:
+        assert r['prof_rows'] > 0  # the profiler timed the callbacks of the first fit
+        assert r['prof_seen'] == {(0, 1, '_DDP'), (0, 2, '_DDP'), (1, 2, '_DDP')}  # DDP in both fits
+    # the weights at the end of the last training phase (before after_fit gives every rank rank 0's weights): the
+    # ranks trained on different shards, so they are equal only if DDP synced the gradients
+    for k, v in res[0]['prof_weights'].items(): assert torch.equal(res[1]['prof_weights'][k], v)

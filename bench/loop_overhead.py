@@ -86,7 +86,6 @@ def w_fastcb(kind, train, valid, mk_model, loss_func, extra):
     if 'progress' in extra: import fastcb.progress as fp  # ImportError -> variant skipped
     from fastcb.learner import Learner, DataLoaders, defaults
     defaults.callbacks[:] = [c for c in defaults.callbacks if 'Progress' not in c.__name__]
-    if 'patch' in extra: _apply_patch(extra['patch'])
     cbs = []
     if 'progress' in extra:  # drawn as on a terminal (redrawn with `\r` every `refresh` s), into /dev/null
         cbs.append(fp.ProgressCallback(mode='tty', file=open(os.devnull, 'w')))
@@ -103,70 +102,6 @@ def w_fastcb(kind, train, valid, mk_model, loss_func, extra):
         learn.profile_callbacks(show=False)  # stays on for the whole run
     def epoch(): learn.fit(1)  # the default logger prints one row per epoch (into /dev/null)
     return epoch
-
-def _apply_patch(name):
-    """Experimental loop changes, measured as extra variants (`--patch NAME`, `+` joins several); none is on by default.
-    They show what a change to fastcb.learner would gain before it is made there."""
-    import torch, fastcb.learner as fl
-    order = ['metrics', 'lazyloss', 'losses', 'onegroup', 'todev', 'detach']
-    for p in sorted(name.split('+'), key=lambda p: order.index(p) if p in order else -1):
-        if p == 'metrics':  # AvgLoss / AvgSmoothLoss: one out-of-place op per batch each, debiased on the fly
-            def al_acc(self, learn):
-                bs, l = fl.find_bs(learn.yb), learn.loss
-                if l.ndim: l = l.mean()
-                self.total = l.float()*bs if not isinstance(self.total, torch.Tensor) else torch.add(self.total, l, alpha=bs)
-                self.count += bs
-            def sl_acc(self, learn):
-                self.count += 1
-                l = learn.loss
-                if l.ndim: l = l.mean()
-                l = l.float()
-                # the debiased EMA as one lerp: d_n = d_{n-1} + (l_n - d_{n-1}) * (1-beta)/(1-beta**n), d_1 = l_1
-                self.val = l.clone() if self.count == 1 else torch.lerp(self.val, l, (1-self.beta)/(1-self.beta**self.count))
-            fl.AvgLoss.accumulate = al_acc
-            fl.AvgSmoothLoss.accumulate = sl_acc
-            fl.AvgSmoothLoss.value = property(lambda self: self.val if self.count else self.val*float('nan'))
-        elif p == 'lazyloss':  # AvgLoss keeps the batch losses (no op per batch) and reduces them once, when read
-            def ll_reset(self): self._ls,self._bs,self.count = [],[],0
-            def ll_acc(self, learn):
-                bs = fl.find_bs(learn.yb); self._ls.append(learn.loss); self._bs.append(bs); self.count += bs
-            def ll_value(self):
-                if not self.count: return None
-                ls = [l if l.ndim == 0 else l.mean() for l in self._ls]
-                return torch.stack(ls).float() @ torch.tensor(self._bs, dtype=torch.float32, device=ls[0].device) / self.count
-            fl.AvgLoss.reset, fl.AvgLoss.accumulate, fl.AvgLoss.value = ll_reset, ll_acc, property(ll_value)
-        elif p == 'losses':  # Recorder.losses: one stack and one copy to the host per epoch (not 3 ops per batch)
-            def losses(self):
-                if self._pending:
-                    self._losses += torch.stack(self._pending).detach().float().cpu().tolist()
-                    self._pending.clear()
-                return self._losses
-            fl.Recorder.losses = property(losses)
-        elif p == 'onegroup':  # no separate no-weight-decay group while no weight decay is set
-            fl._no_decay_params = lambda m: set()
-        elif p == 'todev':  # `to_device` leaves a tensor already on `device` alone (no `.to` call)
-            _to = fl.to_device
-            def to_device(b, device=None, non_blocking=True):
-                if isinstance(b, torch.Tensor): return b if b.device == device else b.to(device, non_blocking=non_blocking)
-                if type(b) is tuple and device is not None:
-                    return tuple(o if isinstance(o, torch.Tensor) and o.device == device else to_device(o, device, non_blocking) for o in b)
-                return _to(b, device, non_blocking)
-            fl.to_device = to_device
-        elif p == 'detach':  # `learn.loss = loss_grad.detach()` (no clone)
-            def dob(self):  # same as fastcb.learner's, but `detach()` instead of `detach().clone()`
-                self.pred = self.model(*self.xb)
-                self._call_one('after_pred')
-                if self.yb:
-                    self.loss_grad = self.loss_func(self.pred, *self.yb)
-                    self.loss = self.loss_grad.detach()
-                self._call_one('after_loss')
-                if not self.training or not self.yb: return
-                if self.opt is None: self.create_opt()
-                self._with_events(self._backward, fl._EV['backward'], fl.CancelBackwardException)
-                self._with_events(self._step, fl._EV['step'], fl.CancelStepException)
-                self.opt.zero_grad()
-            fl.Learner._do_one_batch = dob
-        else: raise SystemExit(f"unknown patch {p!r}")
 
 def w_fastai(kind, train, valid, mk_model, loss_func, extra):
     import torch
@@ -296,7 +231,6 @@ def worker_main(args):
     devnull = os.open(os.devnull, os.O_WRONLY); os.dup2(devnull, 1); os.dup2(devnull, 2)
     sys.path.insert(0, args.root or ROOT)
     extra = {k: True for k in args.extra.split(',') if k}
-    if args.patch: extra['patch'] = args.patch
     mk_model, loss_func, train, valid = make_task(args.task, args.batches, max(1, args.batches // 5))
     try: epoch = WORKERS[args.worker](args.task, train, valid, mk_model, loss_func, extra)
     except Exception as e:
@@ -320,10 +254,10 @@ def available(fw):
     except (ImportError, ValueError): return False
 
 class Worker:
-    def __init__(self, name, fw, task, extra, batches, patch=None, root=None):
+    def __init__(self, name, fw, task, extra, batches, root=None):
         self.name, self.times, self.walls, self.info = name, [], [], {}
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', fw, '--task', task, '--extra', extra,
-               '--batches', str(batches)] + (['--patch', patch] if patch else []) + (['--root', root] if root else [])
+               '--batches', str(batches)] + (['--root', root] if root else [])
         env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(
             [root or ROOT] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -360,17 +294,15 @@ def variants(args):
         vs.append((f'{fw} + progress bar (MLP)', fw, 'mlp', 'progress', 'mlp'))
         vs.append((f'{fw} + {N_CBS} cbs (MLP)', fw, 'mlp', 'cbs', 'mlp'))
     if not args.no_mlp and args.base and 'fastcb' in fws:
-        vs += [('fastcb@base (MLP)', 'fastcb', 'mlp', '', 'mlp', None, args.base),
-               ('fastcb@base + progress bar (MLP)', 'fastcb', 'mlp', 'progress', 'mlp', None, args.base),
-               (f'fastcb@base + {N_CBS} cbs (MLP)', 'fastcb', 'mlp', 'cbs', 'mlp', None, args.base)]
+        vs += [('fastcb@base (MLP)', 'fastcb', 'mlp', '', 'mlp', args.base),
+               ('fastcb@base + progress bar (MLP)', 'fastcb', 'mlp', 'progress', 'mlp', args.base),
+               (f'fastcb@base + {N_CBS} cbs (MLP)', 'fastcb', 'mlp', 'cbs', 'mlp', args.base)]
     if not args.no_mlp:
         if 'fastcb' in fws and args.profile: vs.append(('fastcb + profile_callbacks on (MLP)', 'fastcb', 'mlp', 'profile', 'mlp'))
-        for p in args.patch: vs.append((f'fastcb, patch {p} (MLP)', 'fastcb', 'mlp', '', 'mlp', p))
     if not args.no_conv:
         vs.append(('raw loop (conv)', 'raw', 'conv', '', 'conv'))
         for fw in fws: vs.append((f'{fw} (conv)', fw, 'conv', '', 'conv'))
-        if args.base and 'fastcb' in fws: vs.append(('fastcb@base (conv)', 'fastcb', 'conv', '', 'conv', None, args.base))
-        for p in args.patch: vs.append((f'fastcb, patch {p} (conv)', 'fastcb', 'conv', '', 'conv', p))
+        if args.base and 'fastcb' in fws: vs.append(('fastcb@base (conv)', 'fastcb', 'conv', '', 'conv', args.base))
     return vs
 
 def med(xs): return statistics.median(xs) if xs else float('nan')
@@ -386,14 +318,12 @@ def main():
     ap.add_argument('--no-conv', action='store_true'); ap.add_argument('--no-mlp', action='store_true')
     ap.add_argument('--profile', action='store_true',
                     help='also time fastcb with profile_callbacks() on')
-    ap.add_argument('--patch', action='append', default=[], help='experimental fastcb loop patch (see _apply_patch)')
     ap.add_argument('--json', help='also write the results to this file')
     ap.add_argument('--base', help='a checkout of another fastcb version (e.g. `git worktree add /tmp/base <rev>`): '
                                    'its variants run beside this one\'s, as `fastcb@base`')
     ap.add_argument('--root', help=argparse.SUPPRESS)  # worker: where to import fastcb from
     args = ap.parse_args()
     if args.worker:
-        args.patch = args.patch[0] if args.patch else None
         args.batches = args.batches or (300 if args.task == 'mlp' else 40)
         return worker_main(args)
 
@@ -406,7 +336,7 @@ def main():
     workers, notes = [], [f"{f}: not importable, skipped" for f in skipped]
     for v in variants(args):
         name, fw, task, extra, group = v[:5]
-        w = Worker(name, fw, task, extra, nb[task], *v[5:7])
+        w = Worker(name, fw, task, extra, nb[task], *v[5:6])
         w.group, w.fw, w.extra = group, fw, extra
         workers.append(w)
     live = []

@@ -5,14 +5,16 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #ca9d4588
-import fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.preds, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile
+# %% ../nbs/99_all.ipynb #57a722a7
+import fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile, fastcb.summary
 from .core import *
 from .data import *
 from .recorder import *
 from .optim import *
 from .checkpoint import *
+from .resume import *
 from .preds import *
+from .inference import *
 from .learner import *
 from .progress import *
 from .schedule import *
@@ -23,6 +25,7 @@ from .shard import *
 from .comm import *
 from .distributed import *
 from .profile import *
+from .summary import *
 
-_modules = [fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.preds, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile]
+_modules = [fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile, fastcb.summary]
 __all__ = list(dict.fromkeys(n for m in _modules for n in m.__all__))

@@ -1,6 +1,6 @@
 """Crash-safe writes: a process killed with SIGKILL in the middle of writing a checkpoint (or `learn.save`) leaves the
 previous file intact and loadable, and a training resumes from it."""
-import os, select, signal, subprocess, sys, textwrap, time
+import errno, os, re, select, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 import torch
@@ -83,7 +83,8 @@ def test_kill_during_checkpoint_write(tmp_path):
     assert writing.parent == folder and writing.name.startswith('.') and writing.name.endswith('.tmp'), writing
     assert writing.exists() and writing.stat().st_size > 0  # the half-written temporary file
     files = checkpoint_files(folder)
-    assert [f.name for f in files] == ['checkpoint_000003_epoch0_iter6.pth', 'checkpoint_000004_epoch0_iter8.pth'], files
+    names = [re.sub(r'_[0-9a-f]{12}_', '_<run>_', f.name) for f in files]  # the run's tag
+    assert names == ['checkpoint_000003_<run>_epoch0_iter6.pth', 'checkpoint_000004_<run>_epoch0_iter8.pth'], files
     for f in files:                                         # intact and loadable, safely
         sd = torch.load(f, weights_only=True)
         assert sd['format'] == 'fastcb.checkpoint'
@@ -99,6 +100,12 @@ def test_kill_during_checkpoint_write(tmp_path):
     assert learn.train_iter == 24 and len(learn.recorder.values) == 3
     assert len(learn.recorder.losses) == 24                 # 8 restored from the checkpoint + 16 trained after it
     assert writing.exists() and not checkpoint_files(folder)[-1].name.startswith('.')
+    # the killed process's temporary file is deleted by a write in that folder once it is a minute old (a live
+    # process's write, on this machine or another sharing the folder, is never cut short)
+    os.utime(writing, (time.time() - 120,)*2)
+    learn.fit(1, cbs=CheckpointCallback(every_n_iters=100, path='ckpt'))
+    assert not writing.exists(), list(folder.iterdir())
+    assert not [p for p in folder.iterdir() if p.name.startswith('.')]
 
 def test_kill_during_learn_save(tmp_path):
     writing = Path(run_until_writing(SAVE, tmp_path))
@@ -106,9 +113,40 @@ def test_kill_during_learn_save(tmp_path):
     assert writing.parent == model_file.parent and writing.name.endswith('.tmp')
     sd = torch.load(model_file, weights_only=True)         # the previous save, intact
     expected = torch.load(tmp_path/'expected.pt', weights_only=True)
-    assert sd.keys() == {'model', 'opt'}
+    assert sd.keys() == {'model', 'opt', 'opt_info'}
     assert all(torch.equal(sd['model'][k], v) for k,v in expected.items())
     learn = Learner(DataLoaders(DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4), device='cpu'),
                     nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), loss_func=nn.MSELoss(), path=tmp_path)
     learn.load('model')
     assert all(torch.equal(learn.model.state_dict()[k], v) for k,v in expected.items())
+
+def test_full_disk(tmp_path, monkeypatch):
+    "A full disk during a save is an OSError with errno ENOSPC naming the file; the previous file stays intact"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g)
+    learn = Learner(DataLoaders(DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8), device='cpu'),
+                    nn.Linear(4, 1), loss_func=nn.MSELoss(), path=tmp_path)
+    learn.logger = lambda row: None
+    learn.fit(1)
+    good = learn.save('model').read_bytes()
+    real = os.fdopen
+    class FullDisk:
+        "A file whose writes fail with ENOSPC after 1000 bytes, as on a full disk"
+        def __init__(self, f): self.f,self.n = f,0
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1000: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+        def __getattr__(self, k): return getattr(self.f, k)
+        def __enter__(self): return self
+        def __exit__(self, *a): self.f.close()
+    monkeypatch.setattr(os, 'fdopen', lambda fd, mode: FullDisk(real(fd, mode)))
+    learn.fit(1)
+    with pytest.raises(OSError) as e: learn.save('model')
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path/'models'/'model.pth'), e.value
+    assert 'No space left on device' in str(e.value) and 'model.pth' in str(e.value)
+    with pytest.raises(OSError) as e: learn.fit(1, cbs=CheckpointCallback(path='ck'))
+    assert e.value.errno == errno.ENOSPC and 'ck/checkpoint_' in str(e.value)
+    monkeypatch.undo()
+    assert (tmp_path/'models'/'model.pth').read_bytes() == good
+    assert sorted(p.name for p in (tmp_path/'models').iterdir()) == ['model.pth']   # no temporary file left

@@ -42,6 +42,7 @@ SCRIPT = textwrap.dedent('''
                     cbs=[TrainEvalCallback(), Recorder(train_metrics=True), Augment()])
     learn.logger = lambda row: None
     ckpt = CheckpointCallback(every_n_iters=5, every_epoch=True, path=folder, keep=2)
+    ckpt.history_min = 8  # the per-batch histories go to side files (every 8 values), killed at any point of those writes too
     if mode == 'ref': learn.fit(3)
     elif mode == 'kill': learn.fit(3, cbs=[ckpt, Kill()])
     else:

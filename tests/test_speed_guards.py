@@ -3,8 +3,10 @@
 tensor's value on the host (`.item()`, `.cpu()`, `.tolist()`, `bool(t)`, `float(t)`...) is counted while a batch runs;
 on a CUDA machine, torch's own sync detector checks the same (`torch.cuda.set_sync_debug_mode('error')`);
 (b) `import fastcb.all` (and each fastcb module) imports only torch, fastcore and the standard library: no matplotlib,
-pandas, scikit-learn, scipy, nor a progress-bar or notebook library."""
-import json, math, subprocess, sys, traceback
+pandas, scikit-learn, scipy, nor a progress-bar or notebook library;
+(c) the default callbacks add at most one device op (an ATen op that is not a view: a kernel launch on a GPU) per
+training batch to a hand-written loop on the same model and batches, counted with a `TorchDispatchMode` on CPU."""
+import collections, copy, json, math, subprocess, sys, traceback
 from pathlib import Path
 import pytest
 import torch
@@ -138,6 +140,79 @@ def test_no_cuda_sync_in_training_batches():
     learn.one_batch = checked
     with learn.no_logging(): learn.fit(2)
     assert len(learn.recorder.losses) == 12
+
+# ------------------------------------------------------------------------------------------- (c) device ops per batch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class OpCounter(TorchDispatchMode):
+    "The ATen ops (views aside: they launch no kernel) run while `on`, one Counter per batch (`start` opens one)"
+    def __init__(self): super().__init__(); self.on,self.batches = False,[]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and not func.is_view: self.batches[-1][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+    def start(self): self.batches.append(collections.Counter()); self.on = True
+
+def _op_batches(n=6):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+def _raw_ops(model, batches, train=True):
+    "Ops per batch of a hand-written loop: `to(device)`, forward, loss, backward, step, zero_grad (eval: forward, loss, sum)"
+    model,lf,c = copy.deepcopy(model),nn.CrossEntropyLoss(),OpCounter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train(train)
+    with c, torch.set_grad_enabled(train):
+        total = torch.zeros(())
+        for x,y in batches:
+            c.start()
+            x,y = x.to('cpu'),y.to('cpu')
+            loss = lf(model(x), y)
+            if train: loss.backward(); opt.step(); opt.zero_grad()
+            else: total += loss
+            c.on = False
+    return c.batches
+
+def _fastcb_ops(model, batches, cbs=None, phase='train'):
+    "Ops per training (or validation) batch of `learn.fit(1)` with the default callbacks (progress bar included, quiet)"
+    learn = _quiet_progress(Learner(DataLoaders(batches, batches, device='cpu'), copy.deepcopy(model), nn.CrossEntropyLoss(),
+                                    opt_func=torch.optim.SGD, lr=0.1, cbs=cbs))
+    c = OpCounter()
+    one_batch = type(learn).one_batch
+    def counted(i, b):
+        if learn.training == (phase == 'train'): c.start()
+        try: return one_batch(learn, i, b)
+        finally: c.on = False
+    learn.one_batch = counted
+    with c, learn.no_logging(): learn.fit(1)
+    assert len(learn.recorder.losses) == len(batches)
+    return c.batches
+
+def _extra_ops(raw, fc):
+    "Per batch, the ops fastcb runs beyond the raw loop's (a Counter; negative counts dropped)"
+    assert len(raw) == len(fc) and all(sum(r.values()) > 5 for r in raw)
+    return [f - r for r,f in zip(raw, fc)]
+
+def test_default_callbacks_one_device_op_per_training_batch():
+    "The loop's clone of the loss (`learn.loss`) is the one op; the Recorder's averages are computed when read"
+    torch.manual_seed(0)
+    model,batches = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),_op_batches()
+    extra = _extra_ops(_raw_ops(model, batches), _fastcb_ops(model, batches))
+    assert all(sum(e.values()) <= 1 for e in extra), f"extra ops per training batch: {extra}"
+
+def test_default_callbacks_one_device_op_per_validation_batch():
+    torch.manual_seed(0)
+    model,batches = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),_op_batches()
+    extra = _extra_ops(_raw_ops(model, batches, train=False), _fastcb_ops(model, batches, phase='valid'))
+    assert all(sum(e.values()) <= 1 for e in extra), f"extra ops per validation batch: {extra}"
+
+def test_op_counter_sees_extra_ops():
+    "The guard itself: a callback with two tensor ops per batch shows as three extra ops (with the clone)"
+    from fastcb.core import Callback
+    torch.manual_seed(0)
+    model,batches = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),_op_batches(3)
+    cb = Callback(after_batch=lambda self: (self.learn.loss*2).exp())
+    extra = _extra_ops(_raw_ops(model, batches), _fastcb_ops(model, batches, cbs=cb))
+    assert [sorted(e.elements()) for e in extra] == [['clone', 'exp', 'mul']]*3, extra
 
 # ----------------------------------------------------------------------------------------------------- (b) lazy imports
 _HEAVY = ['matplotlib', 'pandas', 'sklearn', 'scipy', 'fastprogress', 'tqdm', 'rich', 'IPython', 'ipywidgets',

@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #57a722a7
-import fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile, fastcb.summary
+# %% ../nbs/99_all.ipynb #778c1da8
+import fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary
 from .core import *
 from .data import *
+from .sharded import *
 from .recorder import *
 from .optim import *
 from .checkpoint import *
@@ -24,8 +25,9 @@ from .metrics import *
 from .shard import *
 from .comm import *
 from .distributed import *
+from .fsdp import *
 from .profile import *
 from .summary import *
 
-_modules = [fastcb.core, fastcb.data, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.profile, fastcb.summary]
+_modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary]
 __all__ = list(dict.fromkeys(n for m in _modules for n in m.__all__))

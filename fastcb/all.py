@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #778c1da8
-import fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary
+import fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary
 from .core import *
 from .data import *
 from .sharded import *
@@ -16,6 +16,7 @@ from .checkpoint import *
 from .resume import *
 from .preds import *
 from .inference import *
+from .strategy import *
 from .learner import *
 from .progress import *
 from .schedule import *
@@ -29,5 +30,5 @@ from .fsdp import *
 from .profile import *
 from .summary import *
 
-_modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary]
+_modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary]
 __all__ = list(dict.fromkeys(n for m in _modules for n in m.__all__))

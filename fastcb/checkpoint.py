@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_checkpoint.ipynb #0b6972e8
 from __future__ import annotations
-import errno, inspect, os, random, re, shutil, sys, time, warnings, zlib
+import errno, inspect, io, os, random, re, shutil, sys, time, warnings, zlib
 from collections import OrderedDict
 from pathlib import Path
 import torch
@@ -14,8 +14,9 @@ from .data import *
 from .sharded import *
 
 # %% auto #0
-__all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'clean_stale_tmp', 'atomic_save', 'model_state', 'load_model_state',
-           'check_state_dict', 'opt_info', 'check_opt_state', 'save_model', 'load_model', 'LearnerSaving', 'cb_keys',
+__all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'clean_stale_tmp', 'atomic_save', 'CheckpointStorage',
+           'LocalStorage', 'MemoryStorage', 'model_state', 'load_model_state', 'check_state_dict', 'opt_info',
+           'check_opt_state', 'shards_name', 'save_model', 'load_model', 'cb_keys', 'checkpoint_names',
            'checkpoint_files', 'checkpoint_run', 'checkpoint_state', 'cb_settings', 'opt_hypers', 'run_identity',
            'run_fingerprint', 'seal', 'check_seal', 'put_at', 'CheckpointCallback']
 
@@ -110,6 +111,84 @@ def atomic_save(obj, path):
         finally: os.close(dfd)
     except OSError: pass
 
+# %% ../nbs/04_checkpoint.ipynb #bf0f8483
+class CheckpointStorage:
+    "Where checkpoints and saved models live: objects stored under `/`-separated names, each written atomically"
+    def save(self, obj, name:str):
+        "Write `obj` (`torch.save`) under `name`, atomically: a reader finds the previous object or this one, whole"
+        raise NotImplementedError
+    def load(self, name:str, map_location=None):
+        "The object saved under `name`, read with `weights_only=True`; `FileNotFoundError` when there is none"
+        raise NotImplementedError
+    def list(self, folder:str=''):
+        "The names (objects and folders) directly in `folder` ('': the root), relative to it, in any order"
+        raise NotImplementedError
+    def remove(self, name:str):
+        "Delete the object or the folder `name` with what it holds; nothing when there is none"
+        raise NotImplementedError
+    def size(self, name:str):
+        "The size in bytes of the object `name`"
+        raise NotImplementedError
+    def uri(self, name:str):
+        "Where `name` is, for messages and for writers that take a location (DCP): a path, or a URL"
+        raise NotImplementedError
+    def exists(self, name:str):
+        "Whether `name` is an object or a folder of this storage"
+        folder,_,base = name.rpartition('/')
+        return base in self.list(folder)
+    def new_folder(self, name:str):
+        "The name to write folder `name` under (shards) until `commit_folder`; here `name` itself (an object store)"
+        return name
+    def commit_folder(self, tmp:str, name:str):
+        "Make the folder written under `tmp` the folder `name`; here nothing (`tmp` is `name`)"
+        if tmp != name: raise NotImplementedError
+
+# %% ../nbs/04_checkpoint.ipynb #84cbaaa7
+class LocalStorage(CheckpointStorage):
+    "The local file system under folder `root`: atomic writes (a temporary file, fsync, rename), stale files cleaned"
+    def __init__(self, root='.'): self.root = Path(root)  # The folder the names are relative to
+    def __repr__(self): return f"LocalStorage('{self.root}')"
+    def uri(self, name): return self.root/name
+    def save(self, obj, name): atomic_save(obj, self.uri(name))
+    def load(self, name, map_location=None): return torch.load(self.uri(name), map_location=map_location, weights_only=True)
+    def size(self, name): return self.uri(name).stat().st_size
+    def exists(self, name): return self.uri(name).exists()
+    def list(self, folder=''):
+        try: return os.listdir(self.uri(folder))
+        except (FileNotFoundError, NotADirectoryError): return []
+    def remove(self, name):
+        p = self.uri(name)
+        if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+        else: p.unlink(missing_ok=True)
+    def new_folder(self, name):
+        "A hidden temporary folder next to `name` (deleted by `clean_stale_tmp` if its process dies), new and empty"
+        p = self.uri(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(p.parent)
+        tmp = p.with_name(f'.{p.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp')
+        tmp.mkdir()
+        return str(tmp.relative_to(self.root))
+    def commit_folder(self, tmp, name): replace_folder(self.uri(tmp), self.uri(name))
+
+# %% ../nbs/04_checkpoint.ipynb #5a24bf6e
+class MemoryStorage(CheckpointStorage):
+    "Objects kept serialized in a dict of this process: the smallest storage, for tests and examples"
+    def __init__(self): self.objects = {}  # {name: bytes}
+    def __repr__(self): return f"MemoryStorage({len(self.objects)} objects)"
+    def uri(self, name): return f'memory://{name}'
+    def save(self, obj, name):
+        buf = io.BytesIO(); torch.save(obj, buf)
+        self.objects[name] = buf.getvalue()  # the one step that makes it visible: whole or absent
+    def load(self, name, map_location=None):
+        if name not in self.objects: raise FileNotFoundError(f"No object '{name}' in {self!r}")
+        return torch.load(io.BytesIO(self.objects[name]), map_location=map_location, weights_only=True)
+    def size(self, name): return len(self.objects[name])
+    def list(self, folder=''):
+        pre = folder.rstrip('/') + '/' if folder else ''
+        return sorted({n[len(pre):].split('/')[0] for n in self.objects if n.startswith(pre)})
+    def remove(self, name):
+        for n in [n for n in self.objects if n == name or n.startswith(name.rstrip('/') + '/')]: del self.objects[n]
+
 # %% ../nbs/04_checkpoint.ipynb #e15e4160
 def _plain_key(k): return k.replace('_orig_mod.', '')
 
@@ -198,51 +277,72 @@ def _barrier():
     d = torch.distributed
     if d.is_available() and d.is_initialized(): d.barrier()
 
-def _save_sharded(file, model, opt, full):
-    "`save_model` for a sharded model, on every process: gathered into a plain file on rank 0, or a file and its shards"
+def shards_name(name): # The name of a file (`checkpoint_....pth`, `model.pth`)
+    "The name of the folder of shards of the sharded save `name`: its suffix replaced by `.shards`"
+    return re.sub(r'\.[^./]*$', '', str(name)) + '.shards'
+
+def _stored(file, storage):
+    "`(storage, name)` of `file`: a name in `storage`, or, without one, a local path"
+    if storage is not None: return storage,str(file)
+    file = Path(file)
+    return LocalStorage(file.parent),file.name
+
+def _save_sharded(storage, name, model, opt, full):
+    "`save_model` for a sharded model, on every process: gathered into a plain object on rank 0, or one and its shards"
     if full:
         msd,osd = full_state(model, opt)
-        if dist_rank() == 0: atomic_save(msd if opt is None else {'model': msd, 'opt': osd, 'opt_info': opt_info(opt)}, file)
+        if dist_rank() == 0: storage.save(msd if opt is None else {'model': msd, 'opt': osd, 'opt_info': opt_info(opt)}, name)
     else:
-        man = save_shards(shard_payload(model, opt), file.with_suffix('.shards'))
+        man = save_shards(shard_payload(model, opt), shards_name(name), storage=storage)
         if dist_rank() == 0:
-            atomic_save({'format': 'fastcb.sharded', 'model': skeleton(model_state(model)), 'shards': man,
-                         'opt': None if opt is None else skeleton(opt.state_dict()),
-                         'opt_info': None if opt is None else opt_info(opt)}, file)
+            storage.save({'format': 'fastcb.sharded', 'model': skeleton(model_state(model)), 'shards': man,
+                          'opt': None if opt is None else skeleton(opt.state_dict()),
+                          'opt_info': None if opt is None else opt_info(opt)}, name)
     _barrier()  # the file exists for every process once `save` returns
 
-def save_model(file, # The file to write
+def save_model(file, # The file to write (a name in `storage` when one is given)
                model, # A `nn.Module`
                opt=None, # Its optimizer, or None
                with_opt:bool=True, # Also save the optimizer state
-               full:bool=False): # A sharded model: gather a plain file on rank 0 (else each process writes its shards)
+               full:bool=False, # A sharded model: gather a plain file on rank 0 (else each process writes its shards)
+               storage:CheckpointStorage|None=None): # Where to write (None: the local file system)
     "Save `model` (and `opt`) to `file`, atomically; a sharded model on every process"
-    if is_sharded(model): return _save_sharded(Path(file), model, opt if with_opt else None, full)
+    storage,name = _stored(file, storage)
+    if is_sharded(model): return _save_sharded(storage, name, model, opt if with_opt else None, full)
     sd = model_state(model)
-    atomic_save({'model': sd, 'opt': opt.state_dict(), 'opt_info': opt_info(opt)} if with_opt and opt is not None else sd, file)
+    storage.save({'model': sd, 'opt': opt.state_dict(), 'opt_info': opt_info(opt)} if with_opt and opt is not None else sd, name)
 
-def _load_sharded_file(file, state, model, opt):
-    "Load the file and shards `save_model` wrote for a sharded model (into a sharded model, or a plain one)"
+def _load_sharded_file(storage, name, state, model, opt):
+    "Load the object and shards `save_model` wrote for a sharded model (into a sharded model, or a plain one)"
+    file = storage.uri(name)
     check_state_dict(model, state['model'], True, file)
     if opt is not None and state['opt'] is not None:
         if not isinstance(opt, torch.optim.Optimizer): opt = opt()
         check_opt_state(opt, state['opt'], file, state.get('opt_info'))
-    check_shards(file.with_suffix('.shards'), state['shards'], f"'{file}'")
-    load_shards(file.with_suffix('.shards'), model, opt if state['opt'] is not None else None)
+    check_shards(shards_name(name), state['shards'], f"'{file}'", storage)
+    load_shards(shards_name(name), model, opt if state['opt'] is not None else None, storage=storage)
 
-def load_model(file, # The file `save_model` wrote
-               model, # The `nn.Module` to load into
-               opt=None, # Its optimizer (or a function returning it), loaded when the file has one (None: skipped)
-               device=None, # Where to load the tensors
-               strict:bool=True): # Require the model's keys to match exactly
-    "Load `file` into `model` (and `opt`), after checking that it fits: on an error nothing has changed"
-    file = Path(file)
-    if not file.exists(): raise FileNotFoundError(f"No checkpoint at '{file}': save one with learn.save('{file.stem}')")
-    try: state = torch.load(file, map_location=device, weights_only=True)
+def _read_saved(storage, name, device):
+    "What `save_model` wrote under `name`, read with `weights_only=True`; an error names the file"
+    file = storage.uri(name)
+    if not storage.exists(name):
+        raise FileNotFoundError(f"No checkpoint at '{file}': save one with learn.save('{Path(name).stem}')")
+    try: return storage.load(name, map_location=device)
     except Exception as e:
         raise RuntimeError(f"Could not load '{file}': it is truncated, corrupt or not a torch checkpoint "
                            f"({type(e).__name__}: {str(e)[:200]})") from e
-    if isinstance(state, dict) and state.get('format') == 'fastcb.sharded': return _load_sharded_file(file, state, model, opt)
+
+def load_model(file, # The file `save_model` wrote (a name in `storage` when one is given)
+               model, # The `nn.Module` to load into
+               opt=None, # Its optimizer (or a function returning it), loaded when the file has one (None: skipped)
+               device=None, # Where to load the tensors
+               strict:bool=True, # Require the model's keys to match exactly
+               storage:CheckpointStorage|None=None): # Where to read (None: the local file system)
+    "Load `file` into `model` (and `opt`), after checking that it fits: on an error nothing has changed"
+    storage,name = _stored(file, storage)
+    state,file = _read_saved(storage, name, device),storage.uri(name)
+    if isinstance(state, dict) and state.get('format') == 'fastcb.sharded':
+        return _load_sharded_file(storage, name, state, model, opt)
     has_opt = isinstance(state, dict) and {'model', 'opt'} <= set(state) <= {'model', 'opt', 'opt_info'}
     model_sd = state['model'] if has_opt else state
     check_state_dict(model, model_sd, strict, file)
@@ -257,37 +357,6 @@ def load_model(file, # The file `save_model` wrote
         warnings.warn(f"load('{file}', strict=False) left {len(missing)} weight(s) of the model as they were {missing[:8]} "
                       f"and ignored {len(unexpected)} of the file {unexpected[:8]}")
     if opt is not None and has_opt: opt.load_state_dict(state['opt'])
-
-# %% ../nbs/04_checkpoint.ipynb #3076ae96
-class LearnerSaving:
-    "The saving and loading methods of `Learner`"
-    def _model_file(self, file):
-        "`path/model_dir/file` (an absolute `file` as it is), with `.pth` added unless `file` ends with it"
-        file = Path(file)
-        if file.suffix != '.pth': file = file.with_name(file.name + '.pth')
-        return file if file.is_absolute() else Path(self.path)/self.model_dir/file
-
-    def save(self, file, # Name or relative path (under `path/model_dir`), or an absolute path; `.pth` is added if missing
-             with_opt:bool=True, # Also save the optimizer state
-             full:bool=False): # Sharded (FSDP): gather a plain file any `Learner` loads, instead of the processes' shards
-        "Save model and optimizer state (if `with_opt`) to `self.path/self.model_dir/file`, atomically"
-        file = self._model_file(file)
-        save_model(file, self.model, self.opt, with_opt, full)
-        return file
-
-    def _opt_or_new(self):
-        if self.opt is None: self.create_opt()
-        return self.opt
-
-    def load(self, file, # As in `save`
-             device=None, # Where to load the tensors (default: `dls.device`)
-             with_opt:bool=True, # Also load the optimizer state if the file has one
-             strict:bool=True): # Require the model's keys to match exactly
-        "Load model and optimizer state (if `with_opt`) from `self.path/self.model_dir/file` using `device`"
-        load_model(self._model_file(file), self.model, self._opt_or_new if with_opt else None,
-                   self.dls.device if device is None else device, strict)
-        if not with_opt: self.create_opt()  # new weights, a fresh optimizer (fastai's habit)
-        return self
 
 # %% ../nbs/04_checkpoint.ipynb #20cd6039
 def cb_keys(cbs):
@@ -310,12 +379,14 @@ def _first_bad(v, where=''):
     return f"a {type(v).__name__} at {where or 'top level'}"
 
 _ckpt_re = re.compile(r'^checkpoint_(\d+)_.*\.pth$')
-def checkpoint_files(folder):
+def checkpoint_names(storage:CheckpointStorage): # A storage holding checkpoints at its root
+    "The names of the checkpoints (`checkpoint_<seq>_....pth`) in `storage`, oldest first"
+    seqs = [(int(m.group(1)), n) for n in storage.list() if (m := _ckpt_re.match(n))]
+    return [n for _,n in sorted(seqs)]
+
+def checkpoint_files(folder): # A local folder
     "The checkpoint files (`checkpoint_<seq>_....pth`) in `folder`, oldest first"
-    folder = Path(folder)
-    if not folder.is_dir(): return []
-    fs = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _ckpt_re.match(p.name))]
-    return [p for _,p in sorted(fs)]
+    return [Path(folder)/n for n in checkpoint_names(LocalStorage(folder))]
 
 _name_re = re.compile(r'^checkpoint_(\d+)_(?:([0-9a-f]{8})([0-9a-f]{4})_)?epoch(\d+)_(?:end|iter\d+)(_nonfinite)?\.pth$')
 def checkpoint_run(file):
@@ -444,8 +515,8 @@ class _History:
     "The side files of a run's per-batch histories: what each list already has in them"
     def __init__(self): self.refs,self.files,self.adopted = {},{},set()  # refs: {path: (chunks, n, repr(last))}
 
-    def stash(self, state, folder, tag, seq, n_min):
-        "Move the long lists of `state['cbs']` to a new side file (their new part), leaving references"
+    def stash(self, state, storage, tag, seq, n_min):
+        "Move the long lists of `state['cbs']` to a new side file in `storage` (their new part), leaving references"
         new,marks,n_min = {},[],max(n_min, 1)
         for path,lst in _long_lists(state['cbs'], n_min):
             chunks,n,last = self.refs.get(path, ([], 0, None))
@@ -453,7 +524,7 @@ class _History:
             if len(lst) - n >= n_min: new[repr(path)] = lst[n:]  # a new block; fewer values stay in the checkpoint
             marks.append((path, chunks, n, lst))
         name = f'history_{tag}_{seq:06d}.pth'
-        if new: atomic_save(seal({'format': 'fastcb.history', 'lists': new}), folder/name)
+        if new: storage.save(seal({'format': 'fastcb.history', 'lists': new}), name)
         used = set()
         for path,chunks,n,lst in marks:
             if repr(path) in new: chunks,n = chunks + [name],len(lst)
@@ -461,11 +532,11 @@ class _History:
             put_at(state['cbs'], path, {'__history__': {'chunks': chunks, 'n': n, 'tail': lst[n:]}})
         return used
 
-    def clean(self, folder, tag, own):
-        "Delete the side files of run `tag` no remaining checkpoint (`own`) needs"
+    def clean(self, storage, tag, own):
+        "Delete the side files of run `tag` no remaining checkpoint (`own`, names) needs"
         keep = set().union(*(self.files.get(f, self.adopted) for f in own)) if own else set()
-        for f in folder.glob(f'history_{tag}_*.pth'):
-            if f.name not in keep: f.unlink(missing_ok=True)
+        for n in storage.list():
+            if n.startswith(f'history_{tag}_') and n.endswith('.pth') and n not in keep: storage.remove(n)
 
 # %% ../nbs/04_checkpoint.ipynb #c0a4132c
 def _finite_state(sd):
@@ -473,35 +544,16 @@ def _finite_state(sd):
     ts = [v.detach() for v in sd.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return not ts or bool(torch.stack([torch.isfinite(t).all() for t in ts]).all().item())
 
-class _RunFiles:
-    "The files of a `CheckpointCallback`'s run in its folder: rotation, and the newest"
-    def _rotate(self):
-        "Delete this run's checkpoints beyond the `keep` newest, sparing the newest finite one, and unneeded side files"
-        own = [f for f in checkpoint_files(self.folder) if checkpoint_run(f) == self.tag]
-        kept,old = own[-self.keep:],own[:-self.keep]
-        if all(f.name.endswith('_nonfinite.pth') for f in kept):
-            good = [f for f in old if not f.name.endswith('_nonfinite.pth')]
-            if good: old.remove(good[-1])
-        for f in old:
-            f.unlink(missing_ok=True)
-            shutil.rmtree(f.with_suffix('.shards'), ignore_errors=True)  # a sharded checkpoint's shards
-        self._history.clean(self.folder, self.tag, [f for f in own if f not in old])
-
-    def latest_checkpoint(self):
-        "The newest checkpoint of this callback's run in `folder` (of any run before it wrote one), or None"
-        files = checkpoint_files(self.folder)
-        own = [f for f in files if checkpoint_run(f) == self.tag] if self.tag is not None else []
-        return (own or files or [None])[-1]
-
 # %% ../nbs/04_checkpoint.ipynb #225c0f83
-class CheckpointCallback(_RunFiles, Callback):
+class CheckpointCallback(Callback):
     "Write checkpoints that `fit(..., resume=...)` continues from exactly: every `every_n_iters` batches and/or every epoch"
     order,run_valid,rank0_only,agree_cancels = 100,False,True,False
     history_min = 4096  # lists of numbers at least this long in callbacks' states go to side files
     def __init__(self, every_n_iters:int|None=None, # Write a checkpoint every this many training batches (None: never)
                  every_epoch:bool=True, # Write a checkpoint at the end of every epoch
-                 path='checkpoints', # Folder of the checkpoints (relative to `learn.path`)
-                 keep:int|None=2): # How many of this run's latest checkpoints to keep (None: all)
+                 path='checkpoints', # Folder of the checkpoints (relative to `learn.path`), without `storage`
+                 keep:int|None=2, # How many of this run's latest checkpoints to keep (None: all)
+                 storage:CheckpointStorage|None=None): # Where the checkpoints go (None: the local folder `path`)
         if every_n_iters is not None and (not isinstance(every_n_iters, int) or every_n_iters < 1):
             raise ValueError(f"every_n_iters must be a positive int or None, got {every_n_iters!r}")
         if keep is not None and (not isinstance(keep, int) or keep < 1):
@@ -509,13 +561,18 @@ class CheckpointCallback(_RunFiles, Callback):
         if every_n_iters is None and not every_epoch:
             raise ValueError("CheckpointCallback would never write: set every_n_iters=<batches> and/or every_epoch=True")
         self.every_n_iters,self.every_epoch,self.path,self.keep,self.last = every_n_iters,every_epoch,Path(path),keep,None
-        self.tag,self.run_info = None,None
+        self.given_storage,self.tag,self.run_info,self._history = storage,None,None,_History()
 
     @property
     def folder(self):
-        "Where the checkpoints go: `path`, relative to `learn.path` unless absolute"
+        "Where the checkpoints go without a `storage`: `path`, relative to `learn.path` unless absolute"
         if self.path.is_absolute() or self.learn is None: return self.path
         return Path(self.learn.path)/self.path
+
+    @property
+    def storage(self):
+        "The `CheckpointStorage` of the checkpoints: the one given, else the local folder `folder`"
+        return self.given_storage if self.given_storage is not None else LocalStorage(self.folder)
 
     def before_fit(self):
         "This fit's run: its identity, and its tag (the resumed run's when `fit(resume=...)` continues one of this identity)"
@@ -523,13 +580,12 @@ class CheckpointCallback(_RunFiles, Callback):
         if not learn.fitting or learn.opt is None: return
         identity = run_identity(learn, learn.n_epoch)
         fp,plan = run_fingerprint(identity),learn.resume_plan
-        run = plan.sd.get('run') if plan is not None and getattr(plan, 'sd', None) is not None else None
-        tag = run.get('tag') if isinstance(run, dict) else None
+        run = plan.run if plan is not None else None
+        tag = run.get('tag') if run is not None else None
         self.tag = tag if isinstance(tag, str) and tag[:8] == fp else fp + os.urandom(2).hex()
         self.run_info = {'tag': self.tag, 'static': identity, 'hypers': opt_hypers(learn.opt)}
         self._history = _History()
-        if self.tag == tag:  # continuing the run: its side files hold the beginning of the lists
-            self._history.refs = dict(plan.sd.get('history_refs', {}))
+        if self.tag == tag: self._history.refs = dict(plan.history_refs)  # continuing the run: its side files hold the beginning
         self._history.adopted = {c for chunks,_,_ in self._history.refs.values() for c in chunks}
 
     def after_batch(self):
@@ -542,19 +598,39 @@ class CheckpointCallback(_RunFiles, Callback):
         if self.every_epoch and self.learn.fitting: self.learn.request_checkpoint(self._write)
 
     def _write(self, state):
-        "Write `state` (sealed, with the run) atomically to the next file, then delete this run's oldest beyond `keep`"
+        "Write `state` (sealed, with the run) atomically under the next name, then delete this run's oldest beyond `keep`"
         if self.tag is None: self.before_fit()
-        files = checkpoint_files(self.folder)
-        seq = int(files[-1].name.split('_')[1]) + 1 if files else 1
-        lp = state['loop']
+        st,lp = self.storage,state['loop']
+        names = checkpoint_names(st)
+        seq = int(names[-1].split('_')[1]) + 1 if names else 1
         where = 'end' if lp['batch'] is None else f"iter{lp['train_iter']}"
         finite = state.pop('finite') if 'finite' in state else _finite_state(state['model'])
-        file = self.folder/f"checkpoint_{seq:06d}_{self.tag}_epoch{lp['epoch']}_{where}{'' if finite else '_nonfinite'}.pth"
-        # a sharded model (FSDP): every process writes its shards now, together, into the folder of the file's name
-        if 'write_shards' in state: state['shards'] = state.pop('write_shards')(file.with_suffix('.shards'))
+        name = f"checkpoint_{seq:06d}_{self.tag}_epoch{lp['epoch']}_{where}{'' if finite else '_nonfinite'}.pth"
+        # a sharded model (FSDP): every process writes its shards now, together, into the folder beside the checkpoint
+        if 'write_shards' in state: state['shards'] = state.pop('write_shards')(st.uri(shards_name(name)))
         state['run'] = self.run_info
         state['optional_cbs'] = [k for k,cb in cb_keys(self.learn.cbs) if getattr(cb, 'state_optional', False)]
-        self._history.files[file] = self._history.stash(state, self.folder, self.tag, seq, self.history_min)
-        atomic_save(seal(state), file)
-        self.last = file
+        self._history.files[name] = self._history.stash(state, st, self.tag, seq, self.history_min)
+        st.save(seal(state), name)  # the commit point: the checkpoint exists once this object does
+        self.last = st.uri(name)
         if self.keep is not None: self._rotate()
+
+    def _rotate(self):
+        "Delete this run's checkpoints beyond the `keep` newest, sparing the newest finite one, and unneeded side files"
+        st = self.storage
+        own = [n for n in checkpoint_names(st) if checkpoint_run(n) == self.tag]
+        kept,old = own[-self.keep:],own[:-self.keep]
+        if all(n.endswith('_nonfinite.pth') for n in kept):
+            good = [n for n in old if not n.endswith('_nonfinite.pth')]
+            if good: old.remove(good[-1])
+        for n in old:
+            st.remove(n)
+            st.remove(shards_name(n))  # a sharded checkpoint's shards
+        self._history.clean(st, self.tag, [n for n in own if n not in old])
+
+    def latest_checkpoint(self):
+        "Where the newest checkpoint of this callback's run is (of any run before it wrote one), or None"
+        names = checkpoint_names(self.storage)
+        own = [n for n in names if checkpoint_run(n) == self.tag] if self.tag is not None else []
+        newest = (own or names or [None])[-1]
+        return None if newest is None else self.storage.uri(newest)

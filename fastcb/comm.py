@@ -8,7 +8,6 @@ import hashlib, json, math, os, re, threading, time
 from datetime import timedelta
 import torch
 import torch.distributed as dist
-from fastcore.basics import patch
 from .data import tree_tensors, tree_map
 
 # %% auto #0
@@ -293,6 +292,10 @@ def comm_failure(e):
     if isinstance(e, (OutOfStepError, CommunicationError)): return False
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_comm_re.search(str(e))))
 
+def _read(store, key):
+    "The JSON value of `key` in `store`, or `None` when it has none"
+    return json.loads(store.get(key)) if store.check([key]) else None
+
 def _ago(t): return f"{max(0., time.time()-t):.0f} s"
 
 class StatusBoard:
@@ -331,44 +334,38 @@ class StatusBoard:
         self.stop_ev.set()
         if self.thread is not None: self.thread.join(timeout=5)
 
-# %% ../nbs/13_comm.ipynb #122ddedc
-@patch
-def fail(self:StatusBoard, seq:int, # The number of the run (fit/validate/get_preds, nested ones too) that failed
-         error:str): # The error, in words
-    "Publish that this process failed"
-    self.text = self.describe()
-    try: self.store.set(f'failed/{self.rank}', self._value(seq=seq, error=error))
-    except Exception: pass
+    def fail(self, seq:int, # The number of the run (fit/validate/get_preds, nested ones too) that failed
+             error:str): # The error, in words
+        "Publish that this process failed"
+        self.text = self.describe()
+        try: self.store.set(f'failed/{self.rank}', self._value(seq=seq, error=error))
+        except Exception: pass
 
-def _read(store, key):
-    "The JSON value of `key` in `store`, or `None` when it has none"
-    return json.loads(store.get(key)) if store.check([key]) else None
+    def all_failed(self, seq:int, wait:float):
+        "Whether every other process published a failure of run `seq`, waiting up to `wait` seconds for them"
+        if self.store is None: return False
+        end = time.monotonic() + wait
+        while True:
+            try: ok = all((v := _read(self.store, f'failed/{r}')) is not None and v.get('seq') == seq
+                          for r in range(self.ws) if r != self.rank)
+            except Exception: return False
+            if ok or time.monotonic() > end: return ok
+            time.sleep(0.05)
 
-@patch
-def all_failed(self:StatusBoard, seq:int, wait:float):
-    "Whether every other process published a failure of run `seq`, waiting up to `wait` seconds for them"
-    if self.store is None: return False
-    end = time.monotonic() + wait
-    while True:
-        try: ok = all((v := _read(self.store, f'failed/{r}')) is not None and v.get('seq') == seq for r in range(self.ws) if r != self.rank)
-        except Exception: return False
-        if ok or time.monotonic() > end: return ok
-        time.sleep(0.05)
-
-@patch
-def report(self:StatusBoard):
-    "Where every process is, as the store says (this one: as it is now), one line each"
-    res = []
-    for r in range(self.ws):
-        if r == self.rank: res.append(f"rank {r} (this process): {self.describe()}"); continue
-        try:
-            f = _read(self.store, f'failed/{r}') if self.store is not None else None
-            v = f or (_read(self.store, f'status/{r}') if self.store is not None else None)
-        except Exception as e: v = {'where': f"unknown (the store cannot be read: {str(e)[:100]})", 'since': None}
-        if v is None: res.append(f"rank {r}: no news (it has not reached distrib_ctx, or no store)"); continue
-        line = f"rank {r}: {'failed at ' if f else ''}{v['where']}" + (f", for {_ago(v['since'])}" if v['since'] and not f else '')
-        if f: line += f": {f['error']}"
-        elif v.get('beat') and time.time() - v['beat'] > 3*self.interval + 2:
-            line += f" (no news for {_ago(v['beat'])}: gone, or stuck outside Python)"
-        res.append(line)
-    return '\n'.join(res)
+    def report(self):
+        "Where every process is, as the store says (this one: as it is now), one line each"
+        res = []
+        for r in range(self.ws):
+            if r == self.rank: res.append(f"rank {r} (this process): {self.describe()}"); continue
+            try:
+                f = _read(self.store, f'failed/{r}') if self.store is not None else None
+                v = f or (_read(self.store, f'status/{r}') if self.store is not None else None)
+            except Exception as e: v = {'where': f"unknown (the store cannot be read: {str(e)[:100]})", 'since': None}
+            if v is None: res.append(f"rank {r}: no news (it has not reached distrib_ctx, or no store)"); continue
+            line = f"rank {r}: {'failed at ' if f else ''}{v['where']}"
+            if v['since'] and not f: line += f", for {_ago(v['since'])}"
+            if f: line += f": {f['error']}"
+            elif v.get('beat') and time.time() - v['beat'] > 3*self.interval + 2:
+                line += f" (no news for {_ago(v['beat'])}: gone, or stuck outside Python)"
+            res.append(line)
+        return '\n'.join(res)

@@ -10,18 +10,24 @@ from fastcore.basics import camel2snake
 from fastcore.foundation import L
 
 # %% auto #0
-__all__ = ['cancel_exceptions', 'inner_events', 'training_loop', 'suggest_event', 'event', 'CancelStepException',
+__all__ = ['training_loop', 'inner_events', 'cancel_exceptions', 'suggest_event', 'event', 'CancelStepException',
            'CancelBatchException', 'CancelBackwardException', 'CancelTrainException', 'CancelValidException',
            'CancelEpochException', 'CancelFitException', 'add_note', 'defines', 'run_cbs', 'Callback', 'sort_cbs',
            'mk_cbs', 'TrainEvalCallback', 'before_batch_cb']
 
 # %% ../nbs/00_core.ipynb #946d38af
-_events = ('after_create before_fit before_epoch before_train before_batch after_pred after_loss before_backward '
-           'after_cancel_backward after_backward before_step after_cancel_step after_step after_cancel_batch after_batch '
-           'after_cancel_train after_train before_validate after_cancel_validate after_validate after_cancel_epoch '
-           'after_epoch after_cancel_fit after_fit').split()
-_ext_events = ['after_exception']  # fastcb's extension: see "Reliability"
-_all_events = _events + _ext_events
+training_loop = ['after_create', 'Start Fit', 'before_fit', 'Start Epoch Loop', 'before_epoch', 'Start Train', 'before_train',
+                 'Start Batch Loop', 'before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_cancel_backward',
+                 'after_backward', 'before_step', 'after_cancel_step', 'after_step', 'after_cancel_batch', 'after_batch',
+                 'End Batch Loop', 'after_cancel_train', 'after_train', 'End Train', 'Start Valid', 'before_validate',
+                 'Start Batch Loop', '**CBs same as train batch**', 'End Batch Loop', 'after_cancel_validate', 'after_validate',
+                 'End Valid', 'after_cancel_epoch', 'after_epoch', 'End Epoch Loop', 'after_cancel_fit', 'after_fit', 'End Fit',
+                 'On an unexpected exception', 'after_exception']
+
+def _is_event(s): return not s.startswith(('Start ', 'End ', 'On ', '**'))
+_all_events = list(dict.fromkeys(s for s in training_loop if _is_event(s)))  # every event once, in the loop's order
+_batch = slice(training_loop.index('Start Batch Loop') + 1, training_loop.index('End Batch Loop'))
+inner_events = frozenset(training_loop[_batch])  # the events of one batch: `run_train`/`run_valid` apply to them
 _all_events_set = frozenset(_all_events)
 
 def suggest_event(name, choices=_all_events):
@@ -91,9 +97,6 @@ cancel_exceptions = (CancelStepException, CancelBatchException, CancelBackwardEx
                 CancelValidException, CancelEpochException, CancelFitException)
 
 # %% ../nbs/00_core.ipynb #bd52d35f
-inner_events = frozenset('before_batch after_pred after_loss before_backward after_cancel_backward after_backward '
-                        'before_step after_cancel_step after_step after_cancel_batch after_batch'.split())
-
 def add_note(e, note):
     "Attach `note` to exception `e` once (shown under its traceback on Python 3.11+)"
     notes = getattr(e, '__notes__', None)
@@ -111,9 +114,9 @@ def defines(obj, name):
 # %% ../nbs/00_core.ipynb #d10bc803
 def run_cbs(event_name:str, # The event (or any method name)
             cbs, # `(callback, bound method)` pairs, in order
-            training:bool): # Whether the loop is in its training phase
+            training:bool|None=None): # Whether the loop is in its training phase; None: `cbs` were picked for it
     "Call the methods of `cbs` whose callback runs now at `event_name`; return the last result"
-    inner,res,cb = event_name in inner_events,None,None
+    inner,res,cb = training is not None and event_name in inner_events,None,None
     try:
         for cb,f in cbs:
             if cb.run and (not inner or (cb.run_train if training else cb.run_valid)): res = f()
@@ -243,14 +246,6 @@ def sort_cbs(cbs:list): # Callbacks, in the order they were added
     return [cbs[i] for i in res]
 
 # %% ../nbs/00_core.ipynb #1eb5ba9a
-training_loop = ['after_create', 'Start Fit', 'before_fit', 'Start Epoch Loop', 'before_epoch', 'Start Train', 'before_train',
-                 'Start Batch Loop', 'before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_cancel_backward',
-                 'after_backward', 'before_step', 'after_cancel_step', 'after_step', 'after_cancel_batch', 'after_batch',
-                 'End Batch Loop', 'after_cancel_train', 'after_train', 'End Train', 'Start Valid', 'before_validate',
-                 'Start Batch Loop', '**CBs same as train batch**', 'End Batch Loop', 'after_cancel_validate', 'after_validate',
-                 'End Valid', 'after_cancel_epoch', 'after_epoch', 'End Epoch Loop', 'after_cancel_fit', 'after_fit', 'End Fit',
-                 'On an unexpected exception', 'after_exception']
-
 def mk_cbs(cbs):
     "A list of callback instances from `None`, one callback, a class or a list of those"
     res = []

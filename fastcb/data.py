@@ -116,8 +116,12 @@ def to_detach(b, cpu=True):
 
 def find_bs(b):
     "The batch size of `b`: the length of its first tensor (a Python int, no device sync)"
-    ts = tree_tensors(b)
-    return 1 if not ts or ts[0].ndim == 0 else ts[0].shape[0]
+    if type(b) is tuple and b and type(b[0]) is torch.Tensor: t = b[0]  # the loop's `yb`: no tree walk
+    else:
+        ts = tree_tensors(b)
+        if not ts: return 1
+        t = ts[0]
+    return t.shape[0] if t.ndim else 1
 
 def shapes(b):
     "`b` with each tensor replaced by its shape, for error messages"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_distributed.ipynb #3fdfe9ef
 from __future__ import annotations
-import importlib, os, sys, warnings, zlib
+import os, sys, warnings, zlib
 from pathlib import Path
 from types import SimpleNamespace
 from contextlib import contextmanager
@@ -17,12 +17,13 @@ from torch.utils.data import DistributedSampler
 from fastcore.basics import noop, patch
 from .core import *
 from .data import find_bs, len_or_none, to_detach, tree_map, tree_tensors
-from .learner import Learner, Strategy
+from .strategy import Strategy, get_strategy, register_strategy, strategy_registry
+from .learner import Learner
 from .shard import *
 from .comm import *
 
 # %% auto #0
-__all__ = ['distrib_strategies', 'DistributedCallback', 'DDPStrategy', 'distrib_strategy']
+__all__ = ['distrib_strategies', 'distrib_strategy', 'DistributedCallback', 'DDPStrategy']
 
 # %% ../nbs/14_distributed.ipynb #05a33d5b
 def _torchrun_env():
@@ -105,67 +106,61 @@ class DistributedCallback(Callback):
         dims = [d for cb in learn.cbs if isinstance(d := vars(cb).get('concat_dim'), int)]
         self.dim = dims[0] if dims else 0
 
-# %% ../nbs/14_distributed.ipynb #36224f6c
-@patch
-def after_pred(self:DistributedCallback):
-    "In evaluation, make `pred` and `yb` (and `xb`) those of the whole batch, from every process, in dataset order"
-    learn = self.learn
-    self.n_local = find_bs(learn.xb)
-    if learn.training or self.shard is None: return
-    parts = [learn.pred, learn.yb] + ([learn.xb] if self.gather_x else [])
-    out = _gather_parts(self, parts, ['predictions', 'targets', 'inputs'][:len(parts)], self.dim)
-    learn.pred,learn.yb = out[0],tuple(out[1])
-    if self.gather_x: learn.xb = tuple(out[2])
+    def after_pred(self):
+        "In evaluation, make `pred` and `yb` (and `xb`) those of the whole batch, from every process, in dataset order"
+        learn = self.learn
+        self.n_local = find_bs(learn.xb)
+        if learn.training or self.shard is None: return
+        parts = [learn.pred, learn.yb] + ([learn.xb] if self.gather_x else [])
+        out = self.gather_parts(parts, ['predictions', 'targets', 'inputs'][:len(parts)], self.dim)
+        learn.pred,learn.yb = out[0],tuple(out[1])
+        if self.gather_x: learn.xb = tuple(out[2])
 
-@patch
-def after_loss(self:DistributedCallback):
-    "In training, make `learn.loss` the loss of the whole batch (the mean over the processes): the same everywhere"
-    learn = self.learn
-    if not learn.training: return
-    if self.check_hypers:  # this batch's values, set by the schedulers: a process with others would drift apart
-        self.check_hypers = False
-        self.sync('first batch of a training phase', sig={'hypers': hyper_values(learn.opt)}, compare=compare_signatures)
-    l = learn.loss
-    if l is None or l.ndim != 0: return
-    grp,via_cpu = group_for(l, self.group)
-    t = l.cpu() if via_cpu else l
-    self.pos.doing = 'all-reducing the loss'
-    dist.all_reduce(t, group=grp)
-    self.pos.doing = None
-    if via_cpu: l.copy_(t)
-    l /= self.ws
+    def after_loss(self):
+        "In training, make `learn.loss` the loss of the whole batch (the mean over the processes): the same everywhere"
+        learn = self.learn
+        if not learn.training: return
+        if self.check_hypers:  # this batch's values, set by the schedulers: a process with others would drift apart
+            self.check_hypers = False
+            self.sync('first batch of a training phase', sig={'hypers': hyper_values(learn.opt)}, compare=compare_signatures)
+        l = learn.loss
+        if l is None or l.ndim != 0: return
+        grp,via_cpu = group_for(l, self.group)
+        t = l.cpu() if via_cpu else l
+        self.pos.doing = 'all-reducing the loss'
+        dist.all_reduce(t, group=grp)
+        self.pos.doing = None
+        if via_cpu: l.copy_(t)
+        l /= self.ws
 
-@patch
-def after_train(self:DistributedCallback):
-    "Check every process trained as many batches, then sum the training loss and metrics over the processes"
-    n = self.learn.train_iter
-    lo,hi = self.sync('end of a training phase', values=[-n, n])
-    if -lo != hi: raise OutOfStepError(f"The processes trained different numbers of batches ({-lo} to {hi} in all, this one "
-                                       f"{n}): their training loaders differ in length. Give every process as many batches")
-    _sum_train_metrics(self.learn, self.group, self.warned)
+    def after_train(self):
+        "Check every process trained as many batches, then sum the training loss and metrics over the processes"
+        n = self.learn.train_iter
+        lo,hi = self.sync('end of a training phase', values=[-n, n])
+        if -lo != hi: raise OutOfStepError(f"The processes trained different numbers of batches ({-lo} to {hi} in all, this "
+                                           f"one {n}): their training loaders differ in length. Give every process as many batches")
+        _sum_train_metrics(self.learn, self.group, self.warned)
 
-# %% ../nbs/14_distributed.ipynb #40e17db4
-def _gather_parts(cb, parts, names, dim=0):
-    "Gather the tensors of the structures `parts` from every process: interleaved in dataset order, padding dropped"
-    learn = cb.learn
-    sh,bs = shard_of(learn.dl),getattr(learn.dl, 'batch_size', None)
-    keep = sh.n_real(learn.iter, cb.n_local, bs) if sh is not None and bs else None
-    cb.pos.doing = f"gathering the {names[0]}"
-    res = gather_tree(parts, names, cb.group, dim, keep, cb.n_local)
-    cb.pos.doing = None  # (after an error, kept for the report)
-    return res
+    def gather_parts(self, parts, names, dim=0):
+        "Gather the tensors of the structures `parts` from every process: interleaved in dataset order, padding dropped"
+        learn = self.learn
+        sh,bs = shard_of(learn.dl),getattr(learn.dl, 'batch_size', None)
+        keep = sh.n_real(learn.iter, self.n_local, bs) if sh is not None and bs else None
+        self.pos.doing = f"gathering the {names[0]}"
+        res = gather_tree(parts, names, self.group, dim, keep, self.n_local)
+        self.pos.doing = None  # (after an error, kept for the report)
+        return res
 
-@patch
-def gather(self:DistributedCallback, b):
-    "`b` (a nested structure of tensors computed on this process's batch) from every process, in dataset order"
-    learn,glob = self.learn,set()
-    if not learn.training and self.shard is not None:  # what `after_pred` already gathered comes back as it is
-        for o in (learn.pred, learn.yb, learn.loss, learn.xb if self.gather_x else None):
-            glob.update(t.untyped_storage().data_ptr() for t in tree_tensors(o))
-    ts = [t for t in tree_tensors(b) if t.untyped_storage().data_ptr() not in glob]
-    if not ts: return b
-    done = dict(zip(map(id, ts), _gather_parts(self, ts, ['tensors given to learn.to_detach']*len(ts))))
-    return tree_map(lambda t: done.get(id(t), t), b)
+    def gather(self, b):
+        "`b` (a nested structure of tensors computed on this process's batch) from every process, in dataset order"
+        learn,glob = self.learn,set()
+        if not learn.training and self.shard is not None:  # what `after_pred` already gathered comes back as it is
+            for o in (learn.pred, learn.yb, learn.loss, learn.xb if self.gather_x else None):
+                glob.update(t.untyped_storage().data_ptr() for t in tree_tensors(o))
+        ts = [t for t in tree_tensors(b) if t.untyped_storage().data_ptr() not in glob]
+        if not ts: return b
+        done = dict(zip(map(id, ts), self.gather_parts(ts, ['tensors given to learn.to_detach']*len(ts))))
+        return tree_map(lambda t: done.get(id(t), t), b)
 
 # %% ../nbs/14_distributed.ipynb #9958dd89
 _additive = ('total', 'count', 'cm')  # metric states that add up over processes
@@ -214,18 +209,92 @@ def _agree(cb, err, ev, learn):
     if isinstance(err, cls): return err
     return cls(f"{cls.__name__} raised on rank {rank} in '{ev}': every process stops together")
 
+# %% ../nbs/14_distributed.ipynb #778722b7
+_gone = SimpleNamespace(why='this process gave up its fastcb groups')  # in place of a destroyed group
+_restart = ("Leave distrib_ctx: torchrun restarts the job (torchrun --max-restarts N), and fit(..., resume='latest') "
+            "with a CheckpointCallback continues from the last checkpoint")
+
+def _mark(e):
+    "`e`, marked as handled (raised the same way on every process, or already published)"
+    try: e._fastcb_handled = True
+    except Exception: pass
+    return e
+
+def _first_line(e): return (str(e).strip().splitlines() or [''])[0][:300]
+
+# %% ../nbs/14_distributed.ipynb #3c592174
+def _kind(learn):
+    "The kind of run `learn` is starting: fit, validate or get_preds"
+    return 'fit' if learn.fitting else 'get_preds' if learn.get_cb('GatherPredsCallback') is not None else 'validate'
+
+def _batches(dls):
+    "The number of batches of each loader, by name"
+    return {('training', 'validation')[i] if i < 2 else f'loader {i}': len_or_none(dl) for i,dl in enumerate(dls)}
+
 # %% ../nbs/14_distributed.ipynb #187b053a
 class DDPStrategy(Strategy):
     "How the loop runs as one process of a DDP group: installed as `learn.strategy` by `Learner.distrib_ctx`"
+    distributed,fail_wait = True,2.  # `fail_wait`: seconds a failed process waits for the others to fail the same run
     def __init__(self, cb:DistributedCallback, # The callback doing the per-batch work
-                 orig_dls, # The learner's loaders, given back on exit
-                 dls, # Their sharded copy, the learner's loaders inside the context
-                 seed:int=0): # Seed of the training shuffle
-        self.cb,self.orig_dls,self.dls,self.seed = cb,orig_dls,dls,seed
+                 env): # What `distrib_ctx` prepared: `orig_dls`, their sharded copy `dls`, `seed`, `store`
+        self.cb,self.orig_dls,self.dls,self.seed = cb,env.orig_dls,env.dls,env.seed
         self.muted_cbs,self.r0opt,self.saved_preds,self._nest,self._cache,self._warned = [],False,[],0,{},False
-        self.kinds,self.n_runs,self.broken,self.board,self.shut = [],0,None,None,False
+        self.kinds,self.n_runs,self.broken,self.shut,self.model_device,self.logger = [],0,None,False,None,None
+        self.board = StatusBoard(env.store, cb.rank, cb.ws, self.describe)
         cb.pos.describe = self.describe
 
+    # What `distrib_ctx` asks
+    @classmethod
+    def check_args(cls, learn, **ddp_kwargs): "Refuse bad arguments before any communication (DDP: at its creation)"
+    @classmethod
+    def create(cls, env, **ddp_kwargs):
+        "The strategy `distrib_ctx` installs, with its `DistributedCallback`, once the groups exist"
+        return cls(DistributedCallback(env.device, env.ctrl, env.group, env.gather_inputs, **ddp_kwargs), env)
+
+    def enter(self, learn):
+        "Take the learner over: the sharded loaders, the callback, the logger on rank 0 only, the model (`take_model`)"
+        self.board.start()
+        p = next(learn.model.parameters(), None)
+        self.model_device,self.logger = (p.device if p is not None else None),learn.logger
+        learn.dls = self.dls
+        learn.add_cb(self.cb)  # rebuilds the dispatch tables: with this strategy's `around_event`
+        if self.cb.rank != 0: learn.logger = noop
+        self.take_model(learn)
+
+    def leave(self, learn, ok:bool): # Whether every process got here without an error (collectives are safe)
+        "Give back what `enter` took (the model: `give_model`), meet the others at the exit, release the groups"
+        cb,ok = self.cb,ok and self.broken is None
+        if cb.learn is learn: cb.unwrap()
+        if self.logger is not None: learn.logger = self.logger
+        learn.remove_cb(cb)
+        self.unmute_preds()
+        if learn.dls is self.dls: learn.dls = self.orig_dls
+        try:
+            self.give_model(learn, ok)
+            if ok: cb.sync('exit of distrib_ctx')
+        except Exception as e: self.failed(e); raise
+        finally:
+            cb.pos.doing = None
+            self.board.stop()
+            self.shut_groups()
+
+    def take_model(self, learn): learn.model.to(self.cb.device)  # DDP wraps the model at each `fit`
+    def give_model(self, learn, ok:bool):
+        "Give the learner back its model where it was"
+        if self.model_device is not None: learn.model.to(self.model_device)
+
+    def describe(self):
+        "Where this process is: the run, epoch, phase and batch, and the collective it waits in"
+        learn,doing = self.cb.learn,self.cb.pos.doing
+        if learn is None or not self.kinds: s = 'distrib_ctx, outside fit/validate/get_preds'
+        else:
+            s = self.kinds[-1] + (f", epoch {learn.epoch}" if learn.fitting or self._nest > 1 else '')
+            if learn.dl is not None:
+                s += f", {'training' if learn.training else 'validation'} iter {learn.iter}"
+                if learn.n_iter: s += f" of {learn.n_iter}"
+        return s + (f" ({doing})" if doing else '')
+
+    # What the learner asks
     def around_event(self, learn, event, cbs):
         "`before_fit` starts with the run checks; events end with an agreement: always (1), or in training (2)"
         if event in ('after_create', 'after_exception'): return None
@@ -237,7 +306,7 @@ class DDPStrategy(Strategy):
 
     def _event(self, learn, event, agree, call):
         "Run the callbacks of `event` (`call`), with the run-level work and the agreement on cancels and checkpoints"
-        if event == 'before_fit': _before_run(self, learn)
+        if event == 'before_fit': self.before_run(learn)
         err = None
         try: call()
         except cancel_exceptions as e: err = e
@@ -265,188 +334,131 @@ class DDPStrategy(Strategy):
                 self.muted_cbs,learn.model = outer
                 for c in self.muted_cbs: c.run = False
 
+    def eval_dl(self, learn, dl):
+        "This process's shard of `dl` (cached for the learner's own loaders); `dl` itself if it cannot be sharded"
+        sh = shard_of(dl)
+        if sh is not None and not sh.train: return dl
+        base = unsharded(dl)
+        if draws_at_random(base): return self._drawn_shard(base)
+        hit = self._cache.get(id(base))
+        if hit is not None and hit[0] is base: return hit[1]
+        res = shard_dl(base, self.cb.rank, self.cb.ws, train=False)
+        if res is None: res = self._unsharded(base)
+        if any(base is o for o in self.orig_dls): self._cache[id(base)] = (base, res)
+        return res
+
+    def _drawn_shard(self, dl):
+        "This process's shard of the order rank 0 draws for `dl` (every process draws, as one process would)"
+        cb = self.cb
+        order,twin = drawn_order(dl)
+        h = zlib.crc32(torch.tensor(order, dtype=torch.int64).numpy().tobytes())
+        lo,hi = cb.sync('order of an evaluation loader', values=[-h, h])
+        if -lo != hi:  # the processes drew other orders (other seeds): rank 0's
+            obj = [order]
+            dist.broadcast_object_list(obj, 0, group=cb.group)
+            order = obj[0]
+        res = shard_dl(dl, cb.rank, cb.ws, train=False, order=order, generator=twin)
+        if res is None: res = self._unsharded(rebuild_dl(dl, order, False, twin), f"{len(order)} item(s) for {cb.ws} processes")
+        return res
+
+    def _unsharded(self, dl, why=None):
+        "`dl`, after warning (once per `distrib_ctx`) that every process evaluates all of it"
+        if not self._warned:
+            why = why or sampler_indices(dl, False)
+            why = why if isinstance(why, str) else f"{len(why[0])} item(s) for {self.cb.ws} processes"
+            warnings.warn(f"distrib_ctx does not shard an evaluation loader ({why}): every process evaluates all of "
+                          f"it (exact, but not faster)")
+            self._warned = True
+        return dl
+
     def target_dl(self, learn, dl): return whole(unsharded(dl))
-    def mutes(self, cb): return getattr(cb, 'rank0_only', False)  # muted on the processes other than rank 0
-    @classmethod
-    def check_args(cls, learn, **ddp_kwargs): "Refuse bad arguments before any communication (DDP: at its creation)"
-    @classmethod
-    def create(cls, device, ctrl, group, gather_inputs, orig_dls, dls, seed, **ddp_kwargs):
-        "The strategy `distrib_ctx` installs, once the groups exist"
-        return cls(DistributedCallback(device, ctrl, group, gather_inputs, **ddp_kwargs), orig_dls, dls, seed)
-    def enter(self, learn): learn.model.to(self.cb.device)  # installed: DDP wraps the model at each `fit`
-    def leave(self, learn, ok:bool): # Whether every process got here without an error (collectives are safe)
-        "Give the learner back its model where it was"
-        if self.device is not None: learn.model.to(self.device)
     def exception_cbs(self, learn, cbs): return tuple((c,f) for c,f in cbs if not any(c is m for m in self.muted_cbs))
+
+    def checkpoint_state(self, learn, state):
+        "`state` with the random states of every process (`rng_ranks`, on rank 0): called on every process at the boundary"
+        cb = self.cb
+        mine = {'rng': state.get('rng'), 'rng_epoch': state.get('rng_epoch')}
+        objs = [None]*cb.ws if cb.rank == 0 else None
+        cb.pos.doing = 'gathering the random states for a checkpoint'
+        dist.gather_object(mine, objs, dst=0, group=cb.group)
+        cb.pos.doing = None
+        if cb.rank == 0: state['rng_ranks'] = objs
+        return state
+
+    # The run-level work, and what callbacks ask
+    def before_run(self, learn):
+        "Shard new loaders, check that the processes agree, mute the rank-0-only callbacks on the other processes"
+        cb = self.cb
+        if learn.dls is not self.dls:
+            self.orig_dls,self._cache = learn.dls,{}
+            learn.dls = self.dls = sharded_dls(learn.dls, cb.rank, cb.ws, cb.device, self.seed)
+        facts = dict(run=self.kinds[-1], batches=_batches(learn.dls))
+        if learn.fitting:
+            plan = learn.resume_plan
+            facts.update(n_epoch=learn.n_epoch, hypers=None if learn.opt is None else hyper_values(learn.opt),
+                         resume=None if plan is None or getattr(plan, 'file', None) is None else Path(plan.file).name)
+            if plan is not None: plan.adopt_rank(cb.rank, cb.ws)  # this process's random states, not rank 0's
+        model = cb.ddp.module if cb.ddp is not None else learn.model
+        cb.sync('start of a run', sig=model_signature(model, learn.cbs, **facts), compare=compare_signatures)
+        self.muted_cbs = []
+        self.r0opt = any(getattr(c, 'rank0_only', False) and vars(c).get('with_opt') for c in learn.cbs)
+        if cb.rank == 0: return
+        for c in learn.cbs:
+            if self.mutes(c): c.run = False; self.muted_cbs.append(c)
+            for k in ('save_preds', 'save_targs'):
+                if vars(c).get(k) is not None: self.saved_preds.append((c, k, vars(c)[k])); setattr(c, k, None)
+
+    def mutes(self, cb): return getattr(cb, 'rank0_only', False)  # muted on the processes other than rank 0
     def unmute_preds(self, n:int=0):
         "Give the callbacks muted after the first `n` their folders to save predictions to back"
         for c,k,v in self.saved_preds[n:]: setattr(c, k, v)
         del self.saved_preds[n:]
 
-# %% ../nbs/14_distributed.ipynb #6e29e763
-@patch
-def describe(self:DDPStrategy):
-    "Where this process is: the run, epoch, phase and batch, and the collective it waits in"
-    learn,doing = self.cb.learn,self.cb.pos.doing
-    if learn is None or not self.kinds: s = 'distrib_ctx, outside fit/validate/get_preds'
-    else:
-        s = self.kinds[-1] + (f", epoch {learn.epoch}" if learn.fitting or self._nest > 1 else '')
-        if learn.dl is not None:
-            s += f", {'training' if learn.training else 'validation'} iter {learn.iter}"
-            if learn.n_iter: s += f" of {learn.n_iter}"
-    return s + (f" ({doing})" if doing else '')
+    def end_fit(self, learn):
+        "After a `fit`: every process gets rank 0's weights (and optimizer, if a rank-0-only callback may have loaded one)"
+        cb = self.cb
+        model = cb.ddp.module if cb.ddp is not None else learn.model
+        broadcast_tensors([p.data for p in model.parameters()] + list(model.buffers()), cb.group)
+        if self.r0opt and learn.opt is not None:
+            obj = [to_detach(learn.opt.state_dict()) if cb.rank == 0 else None]  # on the CPU: `load_state_dict` moves it
+            dist.broadcast_object_list(obj, 0, group=cb.group)
+            if cb.rank != 0: learn.opt.load_state_dict(obj[0])
+        cb.unwrap()
 
-def _kind(learn):
-    "The kind of run `learn` is starting: fit, validate or get_preds"
-    return 'fit' if learn.fitting else 'get_preds' if learn.get_cb('GatherPredsCallback') is not None else 'validate'
+    def gather(self, learn, b): return self.cb.gather(b)  # in dataset order, from every process
 
-def _batches(dls):
-    "The number of batches of each loader, by name"
-    return {('training', 'validation')[i] if i < 2 else f'loader {i}': len_or_none(dl) for i,dl in enumerate(dls)}
-
-def _before_run(st, learn):
-    "Shard new loaders, check that the processes agree, mute the rank-0-only callbacks on the other processes"
-    cb = st.cb
-    if learn.dls is not st.dls:
-        st.orig_dls,st._cache = learn.dls,{}
-        learn.dls = st.dls = sharded_dls(learn.dls, cb.rank, cb.ws, cb.device, st.seed)
-    facts = dict(run=st.kinds[-1], batches=_batches(learn.dls))
-    if learn.fitting:
-        plan = learn.resume_plan
-        facts.update(n_epoch=learn.n_epoch, hypers=None if learn.opt is None else hyper_values(learn.opt),
-                     resume=None if plan is None or getattr(plan, 'file', None) is None else Path(plan.file).name)
-        if plan is not None and getattr(plan, 'sd', None) is not None: _resume_own_rng(st, plan.sd)
-    model = cb.ddp.module if cb.ddp is not None else learn.model
-    cb.sync('start of a run', sig=model_signature(model, learn.cbs, **facts), compare=compare_signatures)
-    st.muted_cbs = []
-    st.r0opt = any(getattr(c, 'rank0_only', False) and vars(c).get('with_opt') for c in learn.cbs)
-    if cb.rank == 0: return
-    for c in learn.cbs:
-        if st.mutes(c): c.run = False; st.muted_cbs.append(c)
-        for k in ('save_preds', 'save_targs'):
-            if vars(c).get(k) is not None: st.saved_preds.append((c, k, vars(c)[k])); setattr(c, k, None)
-
-@patch
-def end_fit(st:DDPStrategy, learn):
-    "After a `fit`: every process gets rank 0's weights (and optimizer, if a rank-0-only callback may have loaded one)"
-    cb = st.cb
-    model = cb.ddp.module if cb.ddp is not None else learn.model
-    broadcast_tensors([p.data for p in model.parameters()] + list(model.buffers()), cb.group)
-    if st.r0opt and learn.opt is not None:
-        obj = [to_detach(learn.opt.state_dict()) if cb.rank == 0 else None]  # on the CPU: `load_state_dict` moves it
-        dist.broadcast_object_list(obj, 0, group=cb.group)
-        if cb.rank != 0: learn.opt.load_state_dict(obj[0])
-    cb.unwrap()
-
-def _unsharded_warning(st, dl, why=None):
-    "`dl`, after warning (once per `distrib_ctx`) that every process evaluates all of it"
-    if not st._warned:
-        why = why or sampler_indices(dl, False)
-        why = why if isinstance(why, str) else f"{len(why[0])} item(s) for {st.cb.ws} processes"
-        warnings.warn(f"distrib_ctx does not shard an evaluation loader ({why}): every process evaluates all of "
-                      f"it (exact, but not faster)")
-        st._warned = True
-    return dl
-
-# %% ../nbs/14_distributed.ipynb #f1bdcc4e
-@patch
-def eval_dl(self:DDPStrategy, learn, dl):
-    "This process's shard of `dl` (cached for the learner's own loaders); `dl` itself if it cannot be sharded"
-    sh = shard_of(dl)
-    if sh is not None and not sh.train: return dl
-    base = unsharded(dl)
-    if draws_at_random(base): return _drawn_shard(self, base)
-    hit = self._cache.get(id(base))
-    if hit is not None and hit[0] is base: return hit[1]
-    res = shard_dl(base, self.cb.rank, self.cb.ws, train=False)
-    if res is None: res = _unsharded_warning(self, base)
-    if any(base is o for o in self.orig_dls): self._cache[id(base)] = (base, res)
-    return res
-
-def _drawn_shard(st, dl):
-    "This process's shard of the order rank 0 draws for `dl` (every process draws, as one process would)"
-    cb = st.cb
-    order,twin = drawn_order(dl)
-    h = zlib.crc32(torch.tensor(order, dtype=torch.int64).numpy().tobytes())
-    lo,hi = cb.sync('order of an evaluation loader', values=[-h, h])
-    if -lo != hi:  # the processes drew other orders (other seeds): rank 0's
-        obj = [order]
-        dist.broadcast_object_list(obj, 0, group=cb.group)
-        order = obj[0]
-    res = shard_dl(dl, cb.rank, cb.ws, train=False, order=order, generator=twin)
-    if res is None: res = _unsharded_warning(st, rebuild_dl(dl, order, False, twin), f"{len(order)} item(s) for {cb.ws} processes")
-    return res
-
-# %% ../nbs/14_distributed.ipynb #778722b7
-_gone = SimpleNamespace(why='this process gave up its fastcb groups')  # in place of a destroyed group
-_fail_wait = 2.  # seconds a failed process waits for the others to fail the same run (the same error everywhere)
-_restart = ("Leave distrib_ctx: torchrun restarts the job (torchrun --max-restarts N), and fit(..., resume='latest') "
-            "with a CheckpointCallback continues from the last checkpoint")
-
-def _mark(e):
-    "`e`, marked as handled (raised the same way on every process, or already published)"
-    try: e._fastcb_handled = True
-    except Exception: pass
-    return e
-
-def _first_line(e): return (str(e).strip().splitlines() or [''])[0][:300]
-
-@patch
-def failed(self:DDPStrategy, e, # The exception leaving a run or the context
-           seq:int): # The number of the run it leaves
-    "Publish the failure `e`; raise a `CommunicationError` for a failed collective; shut the groups when out of step"
-    if getattr(e, '_fastcb_handled', False) or isinstance(e, cancel_exceptions + (OutOfStepError,)): return
-    _mark(e)
-    board,rank = self.board,self.cb.rank
-    if comm_failure(e):
-        board.fail(seq, f"gave up waiting ({_first_line(e)})")
+    # Failures
+    def failed(self, e, # The exception leaving a run or the context
+               seq:int|None=None): # The number of the run it leaves; `None`: the last one started
+        "Publish the failure `e`; raise a `CommunicationError` for a failed collective; shut the groups when out of step"
+        if getattr(e, '_fastcb_handled', False) or isinstance(e, cancel_exceptions + (OutOfStepError,)): return
+        _mark(e)
+        board,rank,seq = self.board,self.cb.rank,self.n_runs if seq is None else seq
+        if comm_failure(e):
+            board.fail(seq, f"gave up waiting ({_first_line(e)})")
+            rep = board.report()
+            self.shut_groups(f"a collective failed on rank {rank} ({_first_line(e)})")
+            raise _mark(CommunicationError(f"A collective failed on rank {rank}: {_first_line(e)}\nWhere the processes are "
+                                           f"(as each last said, about every {board.interval:g} s):\n  " + rep.replace('\n', '\n  ')
+                                           + f"\nA process that is stuck (a slow data source, a deadlock), failed, or is "
+                                           f"elsewhere in the code makes the others wait until distrib_ctx's timeout. {_restart}")) from e
+        board.fail(seq, f"{type(e).__name__}: {_first_line(e)}")
+        if board.all_failed(seq, self.fail_wait): return
         rep = board.report()
-        self.shut_groups(f"a collective failed on rank {rank} ({_first_line(e)})")
-        raise _mark(CommunicationError(f"A collective failed on rank {rank}: {_first_line(e)}\nWhere the processes are "
-                                       f"(as each last said, about every {board.interval:g} s):\n  " + rep.replace('\n', '\n  ')
-                                       + f"\nA process that is stuck (a slow data source, a deadlock), failed, or is "
-                                       f"elsewhere in the code makes the others wait until distrib_ctx's timeout. {_restart}")) from e
-    board.fail(seq, f"{type(e).__name__}: {_first_line(e)}")
-    if board.all_failed(seq, _fail_wait): return
-    rep = board.report()
-    self.shut_groups(f"rank {rank} failed alone ({type(e).__name__}: {_first_line(e)}): the processes are out of step")
-    add_note(e, f"fastcb.distrib_ctx: rank {rank} failed here, the other processes did not:\n  " + rep.replace('\n', '\n  ') +
-                f"\nThe processes are out of step: this one gave up the group (the others stop with an error naming this "
-                f"failure) and cannot start another run. {_restart}")
+        self.shut_groups(f"rank {rank} failed alone ({type(e).__name__}: {_first_line(e)}): the processes are out of step")
+        add_note(e, f"fastcb.distrib_ctx: rank {rank} failed here, the other processes did not:\n  " + rep.replace('\n', '\n  ') +
+                    f"\nThe processes are out of step: this one gave up the group (the others stop with an error naming this "
+                    f"failure) and cannot start another run. {_restart}")
 
-@patch
-def shut_groups(self:DDPStrategy, why=None):
-    "Destroy the sync and message groups (which releases the processes waiting in them); `why`: the group is broken"
-    if why is not None and self.broken is None: self.broken = why
-    if self.shut: return
-    self.shut,cb = True,self.cb
-    for g in (cb.ctrl, cb.group):
-        try: dist.destroy_process_group(g)
-        except Exception: pass
-    cb.ctrl = cb.group = _gone  # the group's connections close with its last reference (`destroy` alone keeps them)
-
-# %% ../nbs/14_distributed.ipynb #db5d94b3
-@patch
-def checkpoint_state(self:DDPStrategy, learn, state):
-    "`state` with the random states of every process (`rng_ranks`, on rank 0): called on every process at the boundary"
-    cb = self.cb
-    mine = {'rng': state.get('rng'), 'rng_epoch': state.get('rng_epoch')}
-    objs = [None]*cb.ws if cb.rank == 0 else None
-    cb.pos.doing = 'gathering the random states for a checkpoint'
-    dist.gather_object(mine, objs, dst=0, group=cb.group)
-    cb.pos.doing = None
-    if cb.rank == 0: state['rng_ranks'] = objs
-    return state
-
-def _resume_own_rng(st, sd):
-    "Put this process's random states in place of rank 0's in the checkpoint `sd` a `ResumePlan` restores"
-    rs,cb = sd.get('rng_ranks'),st.cb
-    if rs is not None and len(rs) != cb.ws and cb.rank == 0:
-        warnings.warn(f"The checkpoint holds the random states of {len(rs)} process(es), this run has {cb.ws}: the processes "
-                      f"without one resume with rank 0's (the training goes on, not exactly as the interrupted one would)")
-    if rs is None or cb.rank >= len(rs) or not isinstance(rs[cb.rank], dict): return
-    for k in ('rng', 'rng_epoch'):
-        if rs[cb.rank].get(k) is not None: sd[k] = rs[cb.rank][k]
+    def shut_groups(self, why=None):
+        "Destroy the sync and message groups (which releases the processes waiting in them); `why`: the group is broken"
+        if why is not None and self.broken is None: self.broken = why
+        if self.shut: return
+        self.shut,cb = True,self.cb
+        for g in (cb.ctrl, cb.group):
+            try: dist.destroy_process_group(g)
+            except Exception: pass
+        cb.ctrl = cb.group = _gone  # the group's connections close with its last reference (`destroy` alone keeps them)
 
 # %% ../nbs/14_distributed.ipynb #25b123e7
 def _ctx_device(backend):
@@ -493,9 +505,8 @@ def _shared_seed(seed, dl, group):
     return int(s)
 
 # %% ../nbs/14_distributed.ipynb #1b98b3f3
-def _distrib_setup(learn, backend, gather_inputs, seed, timeout, kwargs, cls=None):
-    "Everything `distrib_ctx` does on entry; returns the strategy (`cls`, default `DDPStrategy`)"
-    cls = cls or DDPStrategy
+def _open_group(learn, backend, gather_inputs, seed, timeout):
+    "What `distrib_ctx` prepares before a strategy exists: device, process groups, store, sharded loaders, shared seed"
     global _n_groups
     rank,ws = int(os.environ['RANK']),int(os.environ['WORLD_SIZE'])
     backend,device = _ctx_device(backend)
@@ -507,59 +518,25 @@ def _distrib_setup(learn, backend, gather_inputs, seed, timeout, kwargs, cls=Non
         raise RuntimeError(f"The process group has rank {dist.get_rank()} of {dist.get_world_size()} but torchrun says "
                            f"{rank} of {ws}")
     store = _init_group(backend, to, device) if own else _default_store()
+    env = SimpleNamespace(device=device, backend=backend, own=own, gather_inputs=gather_inputs, orig_dls=dls,
+                          dls=sharded, store=None if store is None else dist.PrefixStore(f'fastcb_{_n_groups}', store))
     try:
-        ctrl,group = dist.new_group(backend='gloo', timeout=to),dist.new_group(backend='gloo', timeout=to)
-        seed = _shared_seed(seed, dls[0], group)
-        if isinstance(sharded[0].sampler, ShardSampler): sharded[0].sampler.seed = seed
-        st = cls.create(device, ctrl, group, gather_inputs, dls, sharded, seed, **kwargs)
-        st.board = StatusBoard(None if store is None else dist.PrefixStore(f'fastcb_{_n_groups}', store), rank, ws,
-                               st.describe).start()
+        env.ctrl,env.group = dist.new_group(backend='gloo', timeout=to),dist.new_group(backend='gloo', timeout=to)
+        env.seed = _shared_seed(seed, dls[0], env.group)
+        if isinstance(sharded[0].sampler, ShardSampler): sharded[0].sampler.seed = env.seed
     except BaseException:
         if own: dist.destroy_process_group()
         raise
-    p = next(learn.model.parameters(), None)
-    st.own,st.backend,st.prev,st.logger = own,backend,learn.strategy,learn.logger
-    st.device = p.device if p is not None else None
-    learn.dls = sharded
-    learn.strategy = st
-    learn.add_cb(st.cb)  # rebuilds the dispatch tables: with the strategy's `around_event`
-    if rank != 0: learn.logger = noop
-    try: st.enter(learn)
-    except BaseException as e:
-        st.failed(e, 0)
-        _distrib_teardown(learn, st, False)
-        raise
-    return st
+    return env
 
-def _distrib_teardown(learn, st, ok):
-    "Undo `_distrib_setup`; collectives only when every process got here without an error"
-    cb = st.cb
-    if cb.learn is learn: cb.unwrap()
-    learn.strategy,learn.logger = st.prev,st.logger
-    learn.remove_cb(cb)
-    learn.rebuild_dispatch()
-    st.unmute_preds()
-    if learn.dls is st.dls: learn.dls = st.orig_dls
-    try:
-        st.leave(learn, ok and st.broken is None)
-        if ok and st.broken is None: cb.sync('exit of distrib_ctx')
-    except Exception as e: st.failed(e, st.n_runs); raise
-    finally:
-        cb.pos.doing = None
-        st.board.stop()
-        st.shut_groups()
-        if st.own and (ok or st.backend == 'gloo'):  # after an error, a NCCL group may wait for the others: leave it to the process exit
-            dist.destroy_process_group()
+def _close_group(env, ok:bool):
+    "Destroy the process group `distrib_ctx` created (after an error, a NCCL group may wait for the others: left to the exit)"
+    if env.own and (ok or env.backend == 'gloo'): dist.destroy_process_group()
 
 # %% ../nbs/14_distributed.ipynb #179ddf18
-distrib_strategies = {'ddp': DDPStrategy}  # name -> strategy class, for `distrib_ctx(strategy=name)`
-
-def distrib_strategy(name:str): # 'ddp', 'fsdp', or another registered name
-    "The strategy class `distrib_ctx(strategy=name)` installs (a strategy's module registers it when imported)"
-    if name not in distrib_strategies and name in ('fsdp',): importlib.import_module(f'fastcb.{name}')
-    if name not in distrib_strategies:
-        raise ValueError(f"distrib_ctx: unknown strategy {name!r}; choose one of {sorted(distrib_strategies)}")
-    return distrib_strategies[name]
+register_strategy('ddp', DDPStrategy)
+register_strategy('fsdp', 'fastcb.fsdp:FSDPStrategy')
+distrib_strategies,distrib_strategy = strategy_registry,get_strategy  # the registry and its lookup, as this module names them
 
 # %% ../nbs/14_distributed.ipynb #202ea503
 @patch
@@ -568,11 +545,11 @@ def distrib_ctx(self:Learner, backend:str|None=None, # 'nccl' or 'gloo'; default
                 gather_inputs:bool|None=None, # Gather `xb` in evaluation; default: when a callback asks (`get_preds(with_input=True)`)
                 seed:int|None=None, # Seed of the training shuffle; default: rank 0's loader generator seed, else `torch.initial_seed()`
                 timeout:float=300., # Seconds a process waits for the others in a collective before a `CommunicationError`
-                strategy:str='ddp', # 'ddp' (`DistributedDataParallel`) or 'fsdp' (fully sharded: see "Fully sharded training")
-                **kwargs): # Passed to `DistributedDataParallel` (e.g. `find_unused_parameters=True`), or to the 'fsdp' strategy
+                strategy:str='ddp', # A registered strategy: 'ddp' (`DistributedDataParallel`), 'fsdp' (see "Fully sharded training")...
+                **kwargs): # The strategy's arguments: `DistributedDataParallel`'s (e.g. `find_unused_parameters=True`) for 'ddp'
     "A context manager to train as one process of a `torchrun` group (DDP, sharded data, exact evaluation), restored on exit"
-    if isinstance(self.strategy, DDPStrategy): raise RuntimeError("distrib_ctx is already active on this learner")
-    cls = distrib_strategy(strategy)
+    if self.strategy.distributed: raise RuntimeError("distrib_ctx is already active on this learner")
+    cls = get_strategy(strategy)
     cls.check_args(self, **kwargs)  # a bad argument fails on every process, before any communication
     if not _torchrun_env():
         gpu = 'CUDA is available' if torch.cuda.is_available() else 'no GPU'
@@ -580,15 +557,23 @@ def distrib_ctx(self:Learner, backend:str|None=None, # 'nccl' or 'gloo'; default
               f"unset; {gpu}): training in a single process")
         yield self
         return
-    st = _distrib_setup(self, backend, gather_inputs, seed, timeout, kwargs, cls)
-    ok = False
+    env = _open_group(self, backend, gather_inputs, seed, timeout)
+    try: st = cls.create(env, **kwargs)
+    except BaseException: _close_group(env, True); raise
+    prev,self.strategy,ok = self.strategy,st,False
     try:
+        st.enter(self)
         yield self
         ok = True
     except BaseException as e:
-        st.failed(e, st.n_runs)
+        st.failed(e)
         raise
-    finally: _distrib_teardown(self, st, ok)
+    finally:
+        try: st.leave(self, ok)
+        finally:
+            self.strategy = prev
+            self.rebuild_dispatch()
+            _close_group(env, ok)
 
 # %% ../nbs/14_distributed.ipynb #a53ca87e
 @patch
@@ -596,5 +581,5 @@ def to_detach(self:Learner, b, # A tensor or nested structure of tensors
               cpu:bool=True, # Move them to the CPU
               gather:bool=True): # Under `distrib_ctx`: gather them from every process
     "Detach `b`; under `distrib_ctx` (with `gather`), return the whole batch gathered from every process, in dataset order"
-    if gather and isinstance(self.strategy, DDPStrategy): b = self.strategy.cb.gather(b)
+    if gather: b = self.strategy.gather(self, b)
     return to_detach(b, cpu)

@@ -4,26 +4,32 @@
 
 # %% ../nbs/14a_fsdp.ipynb #8f81f981
 from __future__ import annotations
-import copy, warnings
+import copy, functools, warnings
+from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch import nn
-from fastcore.basics import patch
 from .core import *
-from .learner import Learner
 from .sharded import *
 from .comm import broadcast_tensors
-from .distributed import DDPStrategy, DistributedCallback, distrib_strategies
-
-try:
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-except ImportError: fully_shard = None  # torch older than 2.6, or without torch.distributed
+from .strategy import register_strategy
+from .distributed import DDPStrategy, DistributedCallback
 
 # %% auto #0
 __all__ = ['wrap_modules', 'shard_model', 'reshard', 'FSDPCallback', 'FSDPStrategy']
+
+# %% ../nbs/14a_fsdp.ipynb #28e68b49
+@functools.cache
+def _fsdp():
+    "PyTorch's FSDP2 names, imported on first use; `None` without FSDP2 (torch older than 2.6, or without distributed)"
+    try:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+    except ImportError: return None
+    return SimpleNamespace(FSDPModule=FSDPModule, MixedPrecisionPolicy=MixedPrecisionPolicy, fully_shard=fully_shard,
+                           ShardedGradScaler=ShardedGradScaler, init_device_mesh=init_device_mesh, DTensor=DTensor)
 
 # %% ../nbs/14a_fsdp.ipynb #2d2b499b
 def _has_params(m): return next(m.parameters(), None) is not None
@@ -65,22 +71,24 @@ def shard_model(model:nn.Module, # The model, on any device (FSDP moves the slic
                 mp_policy=None, # A `MixedPrecisionPolicy`, or None (float32)
                 **kwargs): # Passed to `fully_shard`: `reshard_after_forward`, `offload_policy`...
     "Apply `fully_shard` to the submodules `wrap` selects, then to `model`, in place; returns `model`"
+    F = _fsdp()
     mods = wrap_modules(model, wrap)
     if not mods: warnings.warn("distrib_ctx(strategy='fsdp'): the wrap policy selected no submodule, the root alone is "
                                "sharded (the whole model is gathered for every forward pass). Pass wrap=<block class>")
-    mp = mp_policy or MixedPrecisionPolicy()
+    mp = mp_policy or F.MixedPrecisionPolicy()
     low = mp.param_dtype not in (None, torch.float32)
     norms = [m for m in model.modules() if m is not model and isinstance(m, _norm_types()) and _has_params(m)] if low else []
-    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    for m in norms: fully_shard(m, mesh=mesh, mp_policy=fp32, **kwargs)
+    fp32 = F.MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for m in norms: F.fully_shard(m, mesh=mesh, mp_policy=fp32, **kwargs)
     for m in mods:
-        if not any(m is o for o in norms): fully_shard(m, mesh=mesh, mp_policy=mp, **kwargs)
-    return fully_shard(model, mesh=mesh, mp_policy=mp, **kwargs)
+        if not any(m is o for o in norms): F.fully_shard(m, mesh=mesh, mp_policy=mp, **kwargs)
+    return F.fully_shard(model, mesh=mesh, mp_policy=mp, **kwargs)
 
 def reshard(model:nn.Module): # A model sharded with `fully_shard`
     "Free the gathered parameters an evaluation (or a forward pass without backward) left: only the slices remain"
+    F = _fsdp()
     for m in model.modules():
-        if isinstance(m, FSDPModule): m.reshard()
+        if isinstance(m, F.FSDPModule): m.reshard()
 
 # %% ../nbs/14a_fsdp.ipynb #126dd53e
 def _twin(model):
@@ -91,6 +99,7 @@ def _twin(model):
 
 def _all_finite(model, group):
     "Whether every parameter of a sharded `model` is finite on every process (a collective)"
+    DTensor = _fsdp().DTensor
     ps = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in ps if p.numel()))])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
@@ -98,6 +107,7 @@ def _all_finite(model, group):
 
 def _gather_into(twin, plain, opt, group):
     "The twin's weights (rank 0's buffers) into `plain`, and `opt`'s state as a plain state dict for `plain`'s optimizer"
+    DTensor = _fsdp().DTensor
     ps,bs = dict(plain.named_parameters()),dict(plain.named_buffers())
     with torch.no_grad():
         for n,p in twin.named_parameters(): ps[n].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
@@ -124,99 +134,96 @@ class FSDPCallback(DistributedCallback):
 # %% ../nbs/14a_fsdp.ipynb #351ff7dc
 _fsdp_args = ('reshard_after_forward', 'offload_policy', 'shard_placement_fn', 'ignored_params')
 
-class FSDPStrategy(DDPStrategy):
-    "How the loop runs as one process of a fully sharded group: installed by `distrib_ctx(strategy='fsdp')`"
-    def __init__(self, cb, orig_dls, dls, seed:int=0,
-                 wrap=None, # Which submodules get their own FSDP group: see `wrap_modules`
-                 mp_policy=None, # A `MixedPrecisionPolicy`; None: from the learner's `MixedPrecision` callback, else float32
-                 **fsdp_kwargs): # Passed to `fully_shard`
-        super().__init__(cb, orig_dls, dls, seed)
-        self.wrap,self.mp_policy,self.fsdp_kwargs,self.plain,self.mp = wrap,mp_policy,fsdp_kwargs,None,None
-
-    @classmethod
-    def create(cls, device, ctrl, group, gather_inputs, orig_dls, dls, seed, **kwargs):
-        return cls(FSDPCallback(device, ctrl, group, gather_inputs), orig_dls, dls, seed, **kwargs)
-
-    @classmethod
-    def check_args(cls, learn, wrap=None, mp_policy=None, **fsdp_kwargs):
-        "Refuse what FSDP cannot do here, before any communication"
-        if fully_shard is None:
-            raise RuntimeError(f"distrib_ctx(strategy='fsdp') needs PyTorch 2.6 or newer (FSDP2: torch.distributed.fsdp."
-                               f"fully_shard); this is torch {torch.__version__}. Upgrade torch, or use strategy='ddp'")
-        bad = [k for k in fsdp_kwargs if k not in _fsdp_args]
-        if bad: raise TypeError(f"distrib_ctx(strategy='fsdp') got {bad}: it takes wrap, mp_policy and fully_shard's "
-                                f"{list(_fsdp_args)}")
-        if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
-            raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {mp_policy!r}")
-        wrap_modules(learn.model, wrap)  # a bad policy fails here
-
-    def mutes(self, cb): return super().mutes(cb) and not getattr(cb, 'saves_model', False)
-
-# %% ../nbs/14a_fsdp.ipynb #142caf35
-@patch
-def enter(self:FSDPStrategy, learn):
-    "Shard a twin of the learner's model; the optimizer over its slices; the mixed precision policy"
-    plain,cb = learn.model,self.cb
-    if not any(p.requires_grad for p in plain.parameters()):
-        raise ValueError("Every parameter of the model is frozen: there is nothing to train (unfreeze some layers)")
-    opt_sd = None if learn.opt is None else learn.opt.state_dict()
-    for p in list(plain.parameters()) + list(plain.buffers()): broadcast_tensors([p.data], cb.group)
-    mp,pol = learn.get_cb('MixedPrecision'),self.mp_policy
-    if pol is None and mp is not None:
-        pol = MixedPrecisionPolicy(param_dtype=mp.dtype or (torch.float16 if cb.device.type == 'cuda' else torch.bfloat16),
-                                   reduce_dtype=torch.float32)
-    twin = shard_model(_twin(plain), init_device_mesh(cb.device.type, (cb.ws,)), self.wrap, pol, **self.fsdp_kwargs)
-    self.plain,self.plain_device = plain,next(plain.parameters()).device
-    if self.plain_device.type != 'cpu': plain.to('cpu')  # its weights wait on the CPU: only the slices stay on the GPU
-    learn.model = twin
-    if opt_sd is not None:
-        learn.create_opt()
-        load_full_state(twin, None, learn.opt, opt_sd)
-    if mp is not None: self.mp = mp; _set_scaler(mp, ShardedGradScaler)
-
 def _set_scaler(mp, cls):
     "Make `mp`'s scaler a `cls`, keeping its state"
     sd = mp.state_dict()
     mp.scaler_type,mp.scaler = cls,None
     mp.load_state_dict(sd)
 
-@patch
-def leave(self:FSDPStrategy, learn, ok:bool):
-    "Gather the trained weights (and optimizer state) into the learner's own model; it gets it back on its device"
-    twin,plain = learn.model,self.plain
-    if plain is None: return
-    opt_sd,had_opt = None,learn.opt is not None
-    try:
-        if ok:
-            reshard(twin)
-            opt_sd = _gather_into(twin, plain, learn.opt, self.cb.group)
-        else: warnings.warn("distrib_ctx(strategy='fsdp') ended with an error: the trained weights were sharded across "
-                            "the processes and cannot be gathered; the learner's model has its weights from the start "
-                            "of the context (resume from the last checkpoint)")
-    finally:
-        learn.model,self.plain = plain.to(self.plain_device),None
-        if had_opt:
+class FSDPStrategy(DDPStrategy):
+    "How the loop runs as one process of a fully sharded group: installed by `distrib_ctx(strategy='fsdp')`"
+    def __init__(self, cb:FSDPCallback, # The callback doing the per-batch work
+                 env, # What `distrib_ctx` prepared (see `DDPStrategy`)
+                 wrap=None, # Which submodules get their own FSDP group: see `wrap_modules`
+                 mp_policy=None, # A `MixedPrecisionPolicy`; None: from the learner's `MixedPrecision` callback, else float32
+                 **fsdp_kwargs): # Passed to `fully_shard`
+        super().__init__(cb, env)
+        self.wrap,self.mp_policy,self.fsdp_kwargs,self.plain,self.mp = wrap,mp_policy,fsdp_kwargs,None,None
+
+    @classmethod
+    def create(cls, env, **kwargs):
+        "The strategy `distrib_ctx` installs, with its `FSDPCallback`, once the groups exist"
+        return cls(FSDPCallback(env.device, env.ctrl, env.group, env.gather_inputs), env, **kwargs)
+
+    @classmethod
+    def check_args(cls, learn, wrap=None, mp_policy=None, **fsdp_kwargs):
+        "Refuse what FSDP cannot do here, before any communication"
+        F = _fsdp()
+        if F is None:
+            raise RuntimeError(f"distrib_ctx(strategy='fsdp') needs PyTorch 2.6 or newer (FSDP2: torch.distributed.fsdp."
+                               f"fully_shard); this is torch {torch.__version__}. Upgrade torch, or use strategy='ddp'")
+        bad = [k for k in fsdp_kwargs if k not in _fsdp_args]
+        if bad: raise TypeError(f"distrib_ctx(strategy='fsdp') got {bad}: it takes wrap, mp_policy and fully_shard's "
+                                f"{list(_fsdp_args)}")
+        if mp_policy is not None and not isinstance(mp_policy, F.MixedPrecisionPolicy):
+            raise TypeError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, got {mp_policy!r}")
+        wrap_modules(learn.model, wrap)  # a bad policy fails here
+
+    def mutes(self, cb): return super().mutes(cb) and not getattr(cb, 'saves_model', False)
+
+    def take_model(self, learn):
+        "Shard a twin of the learner's model; the optimizer over its slices; the mixed precision policy"
+        plain,cb,F = learn.model,self.cb,_fsdp()
+        if not any(p.requires_grad for p in plain.parameters()):
+            raise ValueError("Every parameter of the model is frozen: there is nothing to train (unfreeze some layers)")
+        opt_sd = None if learn.opt is None else learn.opt.state_dict()
+        for p in list(plain.parameters()) + list(plain.buffers()): broadcast_tensors([p.data], cb.group)
+        mp,pol = learn.get_cb('MixedPrecision'),self.mp_policy
+        if pol is None and mp is not None:
+            pol = F.MixedPrecisionPolicy(param_dtype=mp.dtype or (torch.float16 if cb.device.type == 'cuda' else torch.bfloat16),
+                                         reduce_dtype=torch.float32)
+        twin = shard_model(_twin(plain), F.init_device_mesh(cb.device.type, (cb.ws,)), self.wrap, pol, **self.fsdp_kwargs)
+        self.plain,self.plain_device = plain,next(plain.parameters()).device
+        if self.plain_device.type != 'cpu': plain.to('cpu')  # its weights wait on the CPU: only the slices stay on the GPU
+        learn.model = twin
+        if opt_sd is not None:
             learn.create_opt()
-            if opt_sd is not None: learn.opt.load_state_dict(opt_sd)
-        if self.mp is not None: _set_scaler(self.mp, None); self.mp = None
+            load_full_state(twin, None, learn.opt, opt_sd)
+        if mp is not None: self.mp = mp; _set_scaler(mp, F.ShardedGradScaler)
 
-@patch
-def end_fit(self:FSDPStrategy, learn):
-    "After a `fit`: rank 0's buffers everywhere; the gathered parameters freed (each process keeps its slices)"
-    reshard(learn.model)
-    for b in learn.model.buffers(): broadcast_tensors([b], self.cb.group)
+    def give_model(self, learn, ok:bool):
+        "Gather the trained weights (and optimizer state) into the learner's own model; it gets it back on its device"
+        twin,plain = learn.model,self.plain
+        if plain is None: return
+        opt_sd,had_opt = None,learn.opt is not None
+        try:
+            if ok:
+                reshard(twin)
+                opt_sd = _gather_into(twin, plain, learn.opt, self.cb.group)
+            else: warnings.warn("distrib_ctx(strategy='fsdp') ended with an error: the trained weights were sharded across "
+                                "the processes and cannot be gathered; the learner's model has its weights from the start "
+                                "of the context (resume from the last checkpoint)")
+        finally:
+            learn.model,self.plain = plain.to(self.plain_device),None
+            if had_opt:
+                learn.create_opt()
+                if opt_sd is not None: learn.opt.load_state_dict(opt_sd)
+            if self.mp is not None: _set_scaler(self.mp, None); self.mp = None
 
-# %% ../nbs/14a_fsdp.ipynb #4c3ba71c
-@patch
-def checkpoint_state(self:FSDPStrategy, learn, state):
-    "Rank 0's checkpoint state with shapes in place of tensors; every process writes its slices when the writer asks"
-    state = DDPStrategy.checkpoint_state(self, learn, state)  # every process's random states
-    model,cb = learn.model,self.cb
-    reshard(model)
-    payload = shard_payload(model, learn.opt, grads=state['grads'] is not None)
-    state['finite'] = _all_finite(model, cb.group)
-    for k in ('model', 'opt', 'grads'): state[k] = skeleton(state[k])
-    state['write_shards'] = lambda folder: save_shards(payload, folder, cb.group)
-    return state
+    def end_fit(self, learn):
+        "After a `fit`: rank 0's buffers everywhere; the gathered parameters freed (each process keeps its slices)"
+        reshard(learn.model)
+        for b in learn.model.buffers(): broadcast_tensors([b], self.cb.group)
 
-distrib_strategies['fsdp'] = FSDPStrategy
+    def checkpoint_state(self, learn, state):
+        "Rank 0's checkpoint state with shapes in place of tensors; every process writes its slices when the writer asks"
+        state = super().checkpoint_state(learn, state)  # every process's random states
+        model,cb = learn.model,self.cb
+        reshard(model)
+        payload = shard_payload(model, learn.opt, grads=state['grads'] is not None)
+        state['finite'] = _all_finite(model, cb.group)
+        for k in ('model', 'opt', 'grads'): state[k] = skeleton(state[k])
+        state['write_shards'] = lambda folder: save_shards(payload, folder, cb.group)
+        return state
+
+register_strategy('fsdp', FSDPStrategy)

@@ -11,7 +11,7 @@ from .core import *
 from .data import *
 
 # %% auto #0
-__all__ = ['opt_state_to_params', 'check_opt_device', 'LearnerInference']
+__all__ = ['opt_state_to_params', 'rebind_opt', 'check_opt_device']
 
 # %% ../nbs/05a_inference.ipynb #832df867
 def _state_items(opt):
@@ -28,7 +28,8 @@ def opt_state_to_params(opt): # A torch optimizer
         if (k != 'step' or on_dev) and v.device != p.device: opt.state[p][k] = v.to(p.device)
     return opt
 
-def _rebind(opt, new):
+def rebind_opt(opt, # A torch optimizer
+               new:dict): # `{id(old_param): new_param}`
     "Point `opt`'s groups and state at the parameters `new` maps the old ones' ids to (`Module.to` may replace them)"
     for g in opt.param_groups: g['params'] = [new.get(id(p), p) for p in g['params']]
     for p in [p for p in opt.state if id(p) in new]: opt.state[new[id(p)]] = opt.state.pop(p)
@@ -40,27 +41,3 @@ def check_opt_device(opt): # A torch optimizer
             raise RuntimeError(f"The optimizer state ({k!r}) is on {v.device} but its parameter is on {p.device}: the model "
                                f"was moved without its optimizer. Move the whole learner with learn.to('{p.device}') "
                                f"(model, optimizer state, loss and dls.device together), or learn.create_opt() to start afresh")
-
-# %% ../nbs/05a_inference.ipynb #eab757d2
-class LearnerInference:
-    "The inference and device methods of `Learner`: `predict` and `to`"
-    def predict(self, item, # One item: a tensor (one input), a tuple as the dataset gives it, or a dict (a mapping batch)
-                dl=None, # The loader whose `collate_fn` batches `item`; default: `dls.valid`, or `dls.train` when there is none
-                act=None): # As in `get_preds`: default `loss_func.activation` when it has one
-        "Prediction on one `item`: `(decoded, pred)`, without the batch dimension"
-        if dl is None: dl = self.dls[1] if len(self.dls) > 1 else self.dls[0]
-        b = (getattr(dl, 'collate_fn', None) or default_collate)([item])
-        res = self.get_preds(dl=[b], reorder=False, with_decoded=True, with_targs=False, act=act)
-        first = lambda t: t[0]
-        return tree_map(first, res[-1]),tree_map(first, res[0])
-
-    def to(self, device): # A device: 'cuda', 'cpu', torch.device('cuda', 1)...
-        "Move the model, the optimizer state, a loss that is a module and `dls.device` to `device`; returns the learner"
-        device,old = torch.device(device),list(self.model.parameters())
-        self.model.to(device)
-        if isinstance(self.loss_func, nn.Module): self.loss_func.to(device)
-        if self.opt is not None:
-            _rebind(self.opt, {id(o): n for o,n in zip(old, self.model.parameters()) if o is not n})
-            opt_state_to_params(self.opt)
-        self.dls.device = device
-        return self

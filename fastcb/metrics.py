@@ -9,7 +9,6 @@ from types import SimpleNamespace
 from datetime import datetime
 from pathlib import Path
 import torch
-from fastcore.basics import patch
 from .core import *
 from .learner import *
 from .recorder import TorchMetric  # defined with the Recorder; `from fastcb.metrics import TorchMetric` works too
@@ -84,6 +83,10 @@ rmse = RMSE()
 # %% ../nbs/11_metrics.ipynb #c2aaac2d
 _averages = ('binary', 'macro', 'micro', 'weighted')
 
+def _div(a, b):
+    "a/b, with 0 where b is 0 (scikit-learn's zero_division=0)"
+    return torch.where(b > 0, a/b.clamp(min=1e-300), torch.zeros_like(a))
+
 class _ConfusionMetric(Metric):
     "Base for metrics computed from a confusion matrix accumulated on the device"
     lower_is_better = False
@@ -126,42 +129,40 @@ class _ConfusionMetric(Metric):
         if self.ignore_index is not None: idx = torch.where(t == self.ignore_index, n*n+1, idx)
         self.cm.index_add_(0, idx, torch.ones_like(idx))
 
-# %% ../nbs/11_metrics.ipynb #3e3c446d
-@patch(as_prop=True)
-def confusion(self:_ConfusionMetric):
-    "The confusion matrix: `confusion[i, j]` counts the samples of class `i` predicted as `j`"
-    return None if self.cm is None else self.cm[:self.n*self.n].view(self.n, self.n)
+    @property
+    def confusion(self):
+        "The confusion matrix: `confusion[i, j]` counts the samples of class `i` predicted as `j`"
+        return None if self.cm is None else self.cm[:self.n*self.n].view(self.n, self.n)
 
-@patch
-def _counts(self:_ConfusionMetric):
-    "True positives, targets (support) and predictions per class, as float tensors"
-    cm = self.confusion.double()
-    return cm.diag(),cm.sum(1),cm.sum(0)
+    def _counts(self):
+        "True positives, targets (support) and predictions per class, as float tensors"
+        cm = self.confusion.double()
+        return cm.diag(),cm.sum(1),cm.sum(0)
 
-@patch(as_prop=True)
-def value(self:_ConfusionMetric):
-    if self.cm is None: return None
-    bad = int(self.cm[self.n*self.n])
-    if bad: raise ValueError(f"{type(self).__name__}: {bad} targets are outside [0, {self.n}) "
-                             f"(set ignore_index to skip a padding label)")
-    tp,n_true,n_pred = self._counts()
-    if self.average == 'binary':
-        if not 0 <= self.pos_label < self.n: raise ValueError(f"pos_label={self.pos_label} is not a class in [0, {self.n})")
-        idx = torch.tensor([self.pos_label])
-    elif self.labels is not None:
-        if any(not 0 <= l < self.n for l in self.labels): raise ValueError(f"labels={self.labels}: classes are in [0, {self.n})")
-        idx = torch.tensor(self.labels)
-    else: idx = torch.nonzero((n_true + n_pred) > 0).flatten().cpu()
-    tp,n_true,n_pred = tp[idx],n_true[idx],n_pred[idx]
-    if self.average == 'micro': tp,n_true,n_pred = tp.sum(0, keepdim=True),n_true.sum(0, keepdim=True),n_pred.sum(0, keepdim=True)
-    scores = self._score(tp, n_true, n_pred)
-    if self.average == 'weighted':
-        return (scores*n_true).sum()/n_true.sum() if n_true.sum() > 0 else scores.new_zeros(())
-    return scores.mean() if len(scores) else scores.new_zeros(())
+    def _classes(self, n_true, n_pred):
+        "The indices of the classes to average over"
+        if self.average == 'binary':
+            if not 0 <= self.pos_label < self.n: raise ValueError(f"pos_label={self.pos_label} is not a class in [0, {self.n})")
+            return torch.tensor([self.pos_label])
+        if self.labels is not None:
+            if any(not 0 <= l < self.n for l in self.labels): raise ValueError(f"labels={self.labels}: classes are in [0, {self.n})")
+            return torch.tensor(self.labels)
+        return torch.nonzero((n_true + n_pred) > 0).flatten().cpu()
 
-def _div(a, b):
-    "a/b, with 0 where b is 0 (scikit-learn's zero_division=0)"
-    return torch.where(b > 0, a/b.clamp(min=1e-300), torch.zeros_like(a))
+    @property
+    def value(self):
+        if self.cm is None: return None
+        bad = int(self.cm[self.n*self.n])
+        if bad: raise ValueError(f"{type(self).__name__}: {bad} targets are outside [0, {self.n}) "
+                                 f"(set ignore_index to skip a padding label)")
+        tp,n_true,n_pred = self._counts()
+        idx = self._classes(n_true, n_pred)
+        tp,n_true,n_pred = tp[idx],n_true[idx],n_pred[idx]
+        if self.average == 'micro': tp,n_true,n_pred = tp.sum(0, keepdim=True),n_true.sum(0, keepdim=True),n_pred.sum(0, keepdim=True)
+        scores = self._score(tp, n_true, n_pred)
+        if self.average == 'weighted':
+            return (scores*n_true).sum()/n_true.sum() if n_true.sum() > 0 else scores.new_zeros(())
+        return scores.mean() if len(scores) else scores.new_zeros(())
 
 # %% ../nbs/11_metrics.ipynb #033c3743
 class Precision(_ConfusionMetric):
@@ -236,7 +237,8 @@ class CSVLogger(Callback):
     def __init__(self, fname:str='history.csv', # File name, relative to `learn.path` (or an absolute path)
                  append:bool=False): # Append to an existing file instead of overwriting it
         if not isinstance(fname, (str, Path)) or not str(fname): raise ValueError(f"fname must be a file name, got {fname!r}")
-        self.fname,self.append,self.file,self.old_logger,self._last_path,self._trim = Path(fname),append,None,None,None,False
+        self.fname,self.append,self.file,self._last_path,self._trim = Path(fname),append,None,None,False
+        self.old_logger = None  # the `learn.logger` taken over during a fit: called after each row, given back at the end
         self._rows_before = 0  # data rows in the file when the fit started (kept on a resume)
 
     @property
@@ -278,6 +280,19 @@ class CSVLogger(Callback):
             self._writer.writerow([json.dumps(v) if isinstance(v, list) else v for v in log]); self.file.flush()  # a vector: one JSON cell
         if self.old_logger is not None: self.old_logger(log)
 
+    def _trim_from(self, epoch):
+        "Drop the rows of `epoch` and later, logged before a crash that `fit(resume=...)` is replaying"
+        self.file.close(); self.file = None
+        with open(self.path, newline='') as f: rows = list(csv.reader(f))
+        before = lambda r: bool(r) and isinstance(_num(r[0]), (int, float)) and _num(r[0]) < epoch
+        if self._rows_before is not None: keep = rows[:1+self._rows_before] + [r for r in rows[1+self._rows_before:] if before(r)]
+        else:  # no state (a checkpoint of an older fastcb): drop only the last rows, those of this epoch and later
+            keep = list(rows)
+            while len(keep) > 1 and not before(keep[-1]): keep.pop()
+        _rewrite_rows(self.path, keep)
+        self.file = _open_append(self.path)
+        self._writer = csv.writer(self.file)
+
     def after_fit(self):
         "Close the file and clean up."
         if self.file is not None: self.file.close(); self.file = None
@@ -290,21 +305,6 @@ class CSVLogger(Callback):
     def read_log(self):
         "The logged rows, as a list of dicts (numbers parsed)"
         with open(self.path, newline='') as f: return [{k: _num(v) for k,v in row.items()} for row in csv.DictReader(f)]
-
-# %% ../nbs/11_metrics.ipynb #0b62c232
-@patch
-def _trim_from(self:CSVLogger, epoch):
-    "Drop the rows of `epoch` and later, logged before a crash that `fit(resume=...)` is replaying"
-    self.file.close(); self.file = None
-    with open(self.path, newline='') as f: rows = list(csv.reader(f))
-    before = lambda r: bool(r) and isinstance(_num(r[0]), (int, float)) and _num(r[0]) < epoch
-    if self._rows_before is not None: keep = rows[:1+self._rows_before] + [r for r in rows[1+self._rows_before:] if before(r)]
-    else:  # no state (a checkpoint of an older fastcb): drop only the last rows, those of this epoch and later
-        keep = list(rows)
-        while len(keep) > 1 and not before(keep[-1]): keep.pop()
-    _rewrite_rows(self.path, keep)
-    self.file = _open_append(self.path)
-    self._writer = csv.writer(self.file)
 
 # %% ../nbs/11_metrics.ipynb #167acdda
 def _require(module, pip_name, what):

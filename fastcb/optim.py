@@ -11,7 +11,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['trainable_params', 'norm_params', 'no_decay_params', 'make_opt', 'split_no_decay', 'even_mults', 'group_values',
-           'check_hyper', 'set_group_hyper', 'freeze_groups', 'LearnerOptimizer']
+           'check_hyper', 'set_group_hyper', 'freeze_groups']
 
 # %% ../nbs/03_optim.ipynb #8fa56615
 def trainable_params(m:nn.Module):
@@ -127,44 +127,3 @@ def freeze_groups(opt, # The optimizer
     if frozen >= n_splits: warnings.warn(f"Freezing {frozen} groups; the splitter has {n_splits}: the whole model is frozen")
     for pg,i in zip(opt.param_groups, split_idx):
         for p in pg['params']: p.requires_grad_(i >= frozen or id(p) in keep)
-
-# %% ../nbs/03_optim.ipynb #9b11db37
-class LearnerOptimizer:
-    "The optimizer methods of `Learner`: created from the splitter, hyper-parameters per group, freezing"
-    def create_opt(self):
-        "Create an optimizer with default hyper-parameters"
-        self.opt,self._split_idx = make_opt(self.opt_func, self.model, self.splitter, self.lr)
-        self._nd_split = False
-        if self.wd is not None: self.set_hyper('wd', self.wd)
-        elif any(pg.get('weight_decay', 0) for pg in self.opt.param_groups): self._split_no_decay()  # AdamW's default
-
-    def _split_no_decay(self):
-        "Once weight decay applies, move biases and normalization weights to groups of their own with no decay"
-        if self.wd_bn_bias or self._nd_split: return
-        self._split_idx,self._nd_split = split_no_decay(self.opt, self._split_idx, self.model),True
-
-    def split_values(self, v): # A value, a list (one per splitter group) or a `slice`
-        "One value per splitter group (see `group_values`)"
-        return group_values(v, max(self._split_idx) + 1 if self._split_idx else 1)
-
-    def set_hyper(self, k:str, # 'lr', 'wd' (weight_decay), 'mom' (momentum or betas[0]), or any param-group key
-                  v): # A value, one per splitter group (list), or a `slice` (like fastai)
-        "Set hyper-parameter `k` in the optimizer's param groups"
-        if self.opt is None: self.create_opt()
-        vals = self.split_values(v)
-        if k in ('wd', 'weight_decay') and any(o != 0 for o in vals): self._split_no_decay()
-        n = len(self.opt.param_groups)
-        set_group_hyper(self.opt, self._split_idx if len(self._split_idx) == n else [0]*n, k, vals)
-
-    def freeze_to(self, n:int):
-        "Freeze parameter groups up to `n`"
-        if self.opt is None: self.create_opt()
-        freeze_groups(self.opt, self._split_idx, n, norm_params(self.model) if self.train_bn else set())
-
-    def freeze(self):
-        "Freeze up to last parameter group"
-        self.freeze_to(-1)
-
-    def unfreeze(self):
-        "Unfreeze the entire model"
-        self.freeze_to(0)

@@ -19,6 +19,15 @@ class _Rec:
     __slots__ = ('cb', 'event', 'n', 't')
     def __init__(self, cb, event): self.cb,self.event,self.n,self.t = cb,event,0,0.
 
+def _names(cbs):
+    "A display name per callback object: its class name, with `#2`, `#3`... for later ones of the same class"
+    res,seen = {},{}
+    for cb in cbs:
+        if id(cb) in res: continue
+        n = repr(cb); seen[n] = seen.get(n, 0) + 1
+        res[id(cb)] = n if seen[n] == 1 else f'{n}#{seen[n]}'
+    return res
+
 class CallbackProfiler:
     "Cumulative time per callback per event of a learner's loops, while started (see `Learner.profile_callbacks`)"
     def __init__(self, learn, # The `Learner` to profile
@@ -57,82 +66,67 @@ class CallbackProfiler:
         self.stop()
         if self.show and exc[0] is None: print(self.table())
 
-# %% ../nbs/15_profile.ipynb #ecd2c186
-@patch
-def wrap(self:CallbackProfiler, cb, event, f):
-    "`f` (the bound event method of `cb`) wrapped to add its calls and time to the record of `(cb, event)`"
-    rec = self._recs.get((id(cb), event))
-    if rec is None: rec = self._recs[(id(cb), event)] = _Rec(cb, event)
-    clock,stack = self.clock,self._stack
-    def timed():
-        stack.append(0.)
-        t0 = clock()
-        try: return f()
+    def wrap(self, cb, event, f):
+        "`f` (the bound event method of `cb`) wrapped to add its calls and time to the record of `(cb, event)`"
+        rec = self._recs.get((id(cb), event))
+        if rec is None: rec = self._recs[(id(cb), event)] = _Rec(cb, event)
+        clock,stack = self.clock,self._stack
+        def timed():
+            stack.append(0.)
+            t0 = clock()
+            try: return f()
+            finally:
+                dt = clock() - t0
+                stack.pop()
+                rec.n += 1; rec.t += dt
+                if stack: stack[-1] += dt
+                else: self.cb_time += dt
+        return timed
+
+    @contextmanager
+    def around_run(self, learn):
+        "Add the time of the outermost `fit`/`validate`/`get_preds` to `loop_time`"
+        self._depth += 1
+        t0 = self.clock()
+        try: yield
         finally:
-            dt = clock() - t0
-            stack.pop()
-            rec.n += 1; rec.t += dt
-            if stack: stack[-1] += dt
-            else: self.cb_time += dt
-    return timed
+            self._depth -= 1
+            if not self._depth: self.loop_time += self.clock() - t0; self.n_loops += 1
 
-@patch
-@contextmanager
-def around_run(self:CallbackProfiler, learn):
-    "Add the time of the outermost `fit`/`validate`/`get_preds` to `loop_time`"
-    self._depth += 1
-    t0 = self.clock()
-    try: yield
-    finally:
-        self._depth -= 1
-        if not self._depth: self.loop_time += self.clock() - t0; self.n_loops += 1
+    def stats(self, by:str='event'): # 'event': one row per callback and event; 'callback': per callback
+        "Rows `(callback, event, calls, seconds)`, the slowest first (`event` is '' when `by='callback'`)"
+        if by not in ('event', 'callback'): raise ValueError(f"by={by!r}: use 'event' or 'callback'")
+        recs = [r for r in self._recs.values() if r.n]
+        names = _names(r.cb for r in recs)
+        if by == 'event': rows = [(names[id(r.cb)], r.event, r.n, r.t) for r in recs]
+        else:
+            agg = {}
+            for r in recs:
+                n,t = agg.get(id(r.cb), (0, 0.)); agg[id(r.cb)] = (n + r.n, t + r.t)
+            rows = [(names[k], '', n, t) for k,(n,t) in agg.items()]
+        return sorted(rows, key=lambda r: -r[3])
 
-# %% ../nbs/15_profile.ipynb #6de81321
-def _names(cbs):
-    "A display name per callback object: its class name, with `#2`, `#3`... for later ones of the same class"
-    res,seen = {},{}
-    for cb in cbs:
-        if id(cb) in res: continue
-        n = repr(cb); seen[n] = seen.get(n, 0) + 1
-        res[id(cb)] = n if seen[n] == 1 else f'{n}#{seen[n]}'
-    return res
+    def table(self, by:str='event', # As in `stats`
+              n:int|None=None): # Show only the `n` slowest rows
+        "The profile as a text table, the slowest first"
+        rows = self.stats(by)
+        if not rows: return "CallbackProfiler: no callback was called while profiling (run a fit inside it)"
+        shown = rows if n is None else rows[:n]
+        loop = self.loop_time
+        head = ['callback', 'event', 'calls', 'total ms', 'µs/call', '% of loop']
+        body = [[c, e, str(k), f'{t*1e3:.2f}', f'{t/k*1e6:.2f}', f'{100*t/loop:.1f}%' if loop else '']
+                for c,e,k,t in shown]
+        if by == 'callback': head,body = [head[0]] + head[2:],[[r[0]] + r[2:] for r in body]
+        w = [max(len(h), *(len(r[i]) for r in body)) for i,h in enumerate(head)]
+        fmt = lambda r: '  '.join(s.ljust(w[i]) if i < len(head)-4 else s.rjust(w[i]) for i,s in enumerate(r)).rstrip()
+        lines = [fmt(head), '  '.join('-'*x for x in w)] + [fmt(r) for r in body]
+        if len(shown) < len(rows): lines.append(f'... and {len(rows)-len(shown)} more')
+        total = f'callbacks: {self.cb_time*1e3:.2f} ms'
+        if loop: total += (f' of {loop*1e3:.2f} ms in {self.n_loops} fit/validate/get_preds call(s) '
+                           f'({100*self.cb_time/loop:.1f}%)')
+        return '\n'.join(lines + [total])
 
-@patch
-def stats(self:CallbackProfiler, by:str='event'): # 'event': one row per callback and event; 'callback': per callback
-    "Rows `(callback, event, calls, seconds)`, the slowest first (`event` is '' when `by='callback'`)"
-    if by not in ('event', 'callback'): raise ValueError(f"by={by!r}: use 'event' or 'callback'")
-    recs = [r for r in self._recs.values() if r.n]
-    names = _names(r.cb for r in recs)
-    if by == 'event': rows = [(names[id(r.cb)], r.event, r.n, r.t) for r in recs]
-    else:
-        agg = {}
-        for r in recs:
-            n,t = agg.get(id(r.cb), (0, 0.)); agg[id(r.cb)] = (n + r.n, t + r.t)
-        rows = [(names[k], '', n, t) for k,(n,t) in agg.items()]
-    return sorted(rows, key=lambda r: -r[3])
-
-@patch
-def table(self:CallbackProfiler, by:str='event', # As in `stats`
-          n:int|None=None): # Show only the `n` slowest rows
-    "The profile as a text table, the slowest first"
-    rows = self.stats(by)
-    if not rows: return "CallbackProfiler: no callback was called while profiling (run a fit inside it)"
-    shown = rows if n is None else rows[:n]
-    loop = self.loop_time
-    head = ['callback', 'event', 'calls', 'total ms', 'µs/call', '% of loop']
-    body = [[c, e, str(k), f'{t*1e3:.2f}', f'{t/k*1e6:.2f}', f'{100*t/loop:.1f}%' if loop else '']
-            for c,e,k,t in shown]
-    if by == 'callback': head,body = [head[0]] + head[2:],[[r[0]] + r[2:] for r in body]
-    w = [max(len(h), *(len(r[i]) for r in body)) for i,h in enumerate(head)]
-    fmt = lambda r: '  '.join(s.ljust(w[i]) if i < len(head)-4 else s.rjust(w[i]) for i,s in enumerate(r)).rstrip()
-    lines = [fmt(head), '  '.join('-'*x for x in w)] + [fmt(r) for r in body]
-    if len(shown) < len(rows): lines.append(f'... and {len(rows)-len(shown)} more')
-    total = f'callbacks: {self.cb_time*1e3:.2f} ms'
-    if loop: total += (f' of {loop*1e3:.2f} ms in {self.n_loops} fit/validate/get_preds call(s) '
-                       f'({100*self.cb_time/loop:.1f}%)')
-    return '\n'.join(lines + [total])
-
-CallbackProfiler.__repr__ = lambda self: self.table()
+    def __repr__(self): return self.table()
 
 # %% ../nbs/15_profile.ipynb #77239479
 @patch

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import html, io, shutil, sys, time
 from contextlib import contextmanager
-from fastcore.basics import patch, store_attr
+from fastcore.basics import noop, patch, store_attr
 from .core import *
 from .recorder import format_time, format_value
 from .learner import *
@@ -26,10 +26,9 @@ def _isatty(f):
     try: return bool(f.isatty())
     except Exception: return False
 
-def _is_noop(logger):
-    "Whether `logger` prints nothing (`learn.no_logging()`, `fastcore.basics.noop`)"
-    if logger is None: return True
-    return getattr(logger, '__qualname__', '').startswith('no_logging.') or getattr(logger, '__name__', '') == 'noop'
+def _is_muted(logger):
+    "Whether `logger` is muted: `None`, or `fastcore.basics.noop` (what `learn.no_logging()` sets)"
+    return logger is None or logger is noop
 
 def _eta(i, n, elapsed):
     "Estimated remaining time of a phase after `i` of `n` batches in `elapsed` seconds"
@@ -144,7 +143,10 @@ class ProgressCallback(Callback):
             raise ValueError(f"ProgressCallback(mode={mode!r}): use None (automatic), 'tty', 'plain' or 'html'")
         if not refresh > 0 or not plain_every > 0: raise ValueError("refresh and plain_every must be > 0 seconds")
         store_attr('refresh,plain_every,mode,file')
-        self._clock,self._view,self._old_logger,self._active = time.perf_counter,None,None,False
+        self.clock = time.perf_counter  # the time source of the redraws
+        self.view = None  # what draws the bar and the table (a text or an HTML view), opened by each run
+        self.old_logger = None  # the `learn.logger` taken over during a fit: called after the bar, given back at the end
+        self._active = False
 
     def before_fit(self):
         "Open the view; during a `fit`, take over `learn.logger` and show the table header"
@@ -152,27 +154,35 @@ class ProgressCallback(Callback):
         if self._active:
             if not learn.fitting: self.run = False; return  # a `validate`/`get_preds` inside a fit: keep the outer bar
             self._close()  # a previous fit that could not close its view (another callback failed in `after_exception`)
-        self._view,self._active = _mk_view(self.mode, self.file),True
-        self._every = self.refresh if self._view.live else self.plain_every
-        self._t_fit = self._clock()
-        self._last = self._t_fit - self._every if self._view.live else self._t_fit
-        self._fitting,self._epoch,self._phase,self._n,self._t0,self._loss = learn.fitting,0,'',0,self._t_fit,None
+        self._open(learn.fitting)
+        if learn.fitting and not _is_muted(learn.logger): self._take_logger()
+
+    def _open(self, fitting):
+        "Open a view for a run and reset the state of the bar"
+        self.view,self._active = _mk_view(self.mode, self.file),True
+        self._every = self.refresh if self.view.live else self.plain_every
+        self._t_fit = self.clock()
+        self._last = self._t_fit - self._every if self.view.live else self._t_fit
+        self._fitting,self._epoch,self._phase,self._n,self._t0,self._shown_loss = fitting,0,'',0,self._t_fit,None
         self._names = None
-        if not learn.fitting or _is_noop(learn.logger): return
-        if learn.logger != self._log: self._old_logger = learn.logger
+
+    def _take_logger(self):
+        "Become `learn.logger`, keeping the one it replaces in `old_logger`, and show the table header"
+        learn = self.learn
+        if learn.logger != self._log: self.old_logger = learn.logger  # not ourselves, left behind by a failed fit
         learn.logger = self._log
         rec = learn.get_cb('recorder')
         if rec is not None and rec.metric_names:
             self._names = list(rec.metric_names)
             self._w = max(10, *(len(n) for n in self._names))
-            self._view.header([f'{n:>{self._w}}' for n in self._names])
+            self.view.header([f'{n:>{self._w}}' for n in self._names])
 
     def before_epoch(self): self._epoch = self.learn.epoch
     def before_train(self): self._launch('train')
     def before_validate(self): self._launch('valid')
 
     def _launch(self, phase):
-        self._phase,self._t0 = phase,self._clock()
+        self._phase,self._t0 = phase,self.clock()
         try: self._n = len(self.learn.dl)
         except TypeError: self._n = None
         if self._t0 - self._last >= self._every: self._draw(0, self._t0)
@@ -180,51 +190,48 @@ class ProgressCallback(Callback):
     def after_batch(self):
         "Redraw the bar when `refresh` seconds have passed (the only per-batch work: one clock read)"
         if not self._active: return  # a `one_batch` outside a fit: no bar to draw
-        t = self._clock()
+        t = self.clock()
         if t - self._last >= self._every: self._draw(self.learn.iter+1, t)
 
     def _draw(self, i, t):
         self._last = t
         if self._phase == 'train' and i > 0:
             sl = getattr(self.learn, 'smooth_loss', None)  # set by the Recorder at every training batch
-            if sl is not None: self._loss = float(sl)  # the only read of the loss: at most once per `refresh`
+            if sl is not None: self._shown_loss = float(sl)  # the only read of the loss: at most once per `refresh`
         master = (self._epoch, self.learn.n_epoch, t - self._t_fit) if self._fitting else None
-        self._view.draw(master, (self._phase, i, self._n, t - self._t0, self._loss))
+        self.view.draw(master, (self._phase, i, self._n, t - self._t0, self._shown_loss))
+
+    def _log(self, row):
+        "The learner's `logger` during a fit: one row of the table, then `old_logger` (unless it is `learn.print_row`)"
+        old = self.old_logger
+        if not self._active or self._names is None:  # left behind by another logger's restore: act as the old logger
+            if old is not None: old(row)
+            return
+        self.view.row([f'{format_value(v):>{self._w}}' for v in row])
+        if old is not None and old != self.learn.print_row: old(row)  # e.g. `learn.logger = rows.append`
+
+    def _close(self, msg=None):
+        "Close the view (with `msg` as its last line) and give `learn.logger` back"
+        if not self._active: return
+        self._active = False
+        if self.learn is not None and self.learn.logger == self._log and self.old_logger is not None:
+            self.learn.logger = self.old_logger
+        self.view.close(msg)
+
+    def after_fit(self):
+        "Close the view and give `learn.logger` back"
+        self._close()
+
+    def after_exception(self):
+        "Same as `after_fit`, saying where the fit stopped"
+        if not self._active: return  # the error came before our `before_fit` ran
+        learn,e = self.learn,self.learn.exception
+        where = f'epoch {self._epoch+1}/{learn.n_epoch} ' if self._fitting else ''
+        n = self._n if self._n is not None else '?'
+        self._close(f'interrupted by {type(e).__name__} in {where}{self._phase} at batch {learn.iter+1}/{n}'
+                    if self._phase else f'interrupted by {type(e).__name__}')
 
 # %% ../nbs/07_progress.ipynb #0da2766a
-@patch
-def _log(self:ProgressCallback, row):
-    "The learner's `logger` during a fit: one row of the table, then the logger the user had set (not the default printer)"
-    old = self._old_logger
-    if not self._active or self._names is None:  # left behind by another logger's restore: act as the old logger
-        if old is not None: old(row)
-        return
-    self._view.row([f'{format_value(v):>{self._w}}' for v in row])
-    if old is not None and old != getattr(self.learn, '_print_row', None): old(row)  # e.g. `learn.logger = rows.append`
-
-@patch
-def _close(self:ProgressCallback, msg=None):
-    if not self._active: return
-    self._active = False
-    if self.learn is not None and self.learn.logger == self._log and self._old_logger is not None:
-        self.learn.logger = self._old_logger
-    self._view.close(msg)
-
-@patch
-def after_fit(self:ProgressCallback):
-    "Close the view and give `learn.logger` back"
-    self._close()
-
-@patch
-def after_exception(self:ProgressCallback):
-    "Same as `after_fit`, saying where the fit stopped"
-    if not self._active: return  # the error came before our `before_fit` ran
-    learn,e = self.learn,self.learn.exception
-    where = f'epoch {self._epoch+1}/{learn.n_epoch} ' if self._fitting else ''
-    n = self._n if self._n is not None else '?'
-    self._close(f'interrupted by {type(e).__name__} in {where}{self._phase} at batch {learn.iter+1}/{n}'
-                if self._phase else f'interrupted by {type(e).__name__}')
-
 _cbs = defaults.callbacks
 _cbs[:] = [c for c in _cbs if c.__name__ != 'ProgressCallback'] + [ProgressCallback]  # on by default, once
 

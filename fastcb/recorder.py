@@ -13,7 +13,7 @@ from .data import *
 
 # %% auto #0
 __all__ = ['Metric', 'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'mk_metric', 'TorchMetric', 'format_time', 'format_value',
-           'unique_names', 'Recorder', 'LearnerRecording']
+           'unique_names', 'Recorder']
 
 # %% ../nbs/02_recorder.ipynb #310b74f7
 def _maybe_item(v):
@@ -78,12 +78,17 @@ class _Pending:
     def __init__(self): self.ts,self.parts,self.n = [],[],0
     def __len__(self): return self.n
     def add(self, t):
-        self.ts.append(t if isinstance(t, torch.Tensor) else torch.tensor(float(t)))
+        "Keep loss `t` (a tensor, or a number a callback set): two list appends, no device op"
+        self.ts.append(t)
         self.n += 1
-        if len(self.ts) >= self.chunk: self.parts.append(self._stack())
+        if self.n % self.chunk == 0: self.parts.append(self._stack())
     def _stack(self):
         ts,self.ts = self.ts,[]
-        ts = [t.mean() if t.ndim else t for t in ts]
+        try:  # the usual case, one op: scalar losses on one device (or per-item losses of equal batches)
+            st = torch.stack(ts)
+            return (st if st.ndim == 1 else st.flatten(1).mean(1)).float()
+        except (TypeError, RuntimeError): pass
+        ts = [(t.mean() if t.ndim else t) if isinstance(t, torch.Tensor) else torch.tensor(float(t)) for t in ts]
         dev = ts[0].device
         if any(t.device != dev for t in ts): ts = [t.to(dev) for t in ts]  # e.g. a loss a callback set on the CPU
         return torch.stack(ts).float()
@@ -207,9 +212,117 @@ class TorchMetric(Metric):
         hib = getattr(self.metric, 'higher_is_better', None)
         return None if hib is None else not hib
 
-# %% ../nbs/02_recorder.ipynb #316e378e
-class _RecorderHistory:
-    "The recorded history of a `Recorder`: `losses`, `plot_loss`, and its checkpoint state"
+# %% ../nbs/02_recorder.ipynb #c8a293b2
+def format_time(t):
+    "Format `t` seconds as `mm:ss` (or `h:mm:ss`)"
+    t = int(t); h,m,s = t//3600, (t//60)%60, t%60
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
+
+def format_value(v):
+    "A cell of the epoch table: floats with 6 decimals, a vector compactly"
+    if isinstance(v, list):
+        shown = ', '.join(f'{o:.4f}' if isinstance(o, float) else str(o) for o in v[:4])
+        return f"[{shown}{', …' if len(v) > 4 else ''}]"
+    return f'{v:.6f}' if isinstance(v, float) else str(v)
+
+def unique_names(names:list):
+    "`names` with the second and later uses of a name numbered: `accuracy`, `accuracy_2`"
+    seen,res = {},[]
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        res.append(n if seen[n] == 1 else f'{n}_{seen[n]}')
+    return res
+
+# %% ../nbs/02_recorder.ipynb #fec4c67a
+class Recorder(Callback):
+    "Callback that registers statistics (lr, loss and metrics) during training"
+    order,remove_on_fetch,agree_cancels = 50,True,False  # it never cancels: no agreement between ranks needed
+    _skip_batch,_phase_started,_t0 = False,False,None
+    def __init__(self, add_time:bool=True, # Add a `time` column
+                 train_metrics:bool=False, # Also compute the metrics on the training set
+                 valid_metrics:bool=True, # Compute loss and metrics on the validation set
+                 beta:float=0.98): # Smoothing of `smooth_loss`
+        store_attr('add_time,train_metrics,valid_metrics')
+        self.loss,self.smooth_loss = AvgLoss(),AvgSmoothLoss(beta=beta)
+        self.lrs,self.iters,self._losses,self.values,self.metric_names = [],[],[],[],[]
+        self._row,self._train_cols,self._valid_cols,self._stack = {},[],[],[]
+
+    def before_fit(self):
+        "Prepare state for training (validation alone keeps the training history)"
+        self._unwind(self.learn.depth - 1)  # what a failed nested run left behind
+        if self.learn.depth > 1: self._stash()  # a validate/get_preds inside a fit: keep the outer run's state
+        self._train_cols,self._valid_cols = self._cols()
+        self._row,self._phase_started = {},False
+        if not self.learn.fitting: return
+        self.lrs,self.iters,self._losses,self.values = [],[],[],[]
+        names = [n for n,_ in self._train_cols + self._valid_cols]
+        self.metric_names = ['epoch', *names] + (['time'] if self.add_time else [])
+        self.smooth_loss.reset()
+
+    def _stash(self):
+        mets = [self.loss, self.smooth_loss, *self.learn.metrics]
+        st = (self._row, self._train_cols, self._valid_cols, self._phase_started, self._t0)
+        self._stack = self._stack + [(self.learn.depth, st, [(m, m.state_dict()) for m in mets])]
+
+    def _unwind(self, depth):
+        "Give back the state of the runs deeper than `depth` (a nested run that ended, or failed and was caught)"
+        stack = self._stack
+        while stack and stack[-1][0] > depth:
+            _,(self._row,self._train_cols,self._valid_cols,self._phase_started,self._t0),mets = stack.pop()
+            for m,sd in mets: m.load_state_dict(sd)
+
+    def after_fit(self):
+        "Give the outer run its state back after a nested validation"
+        self._unwind(self.learn.depth - 1)
+
+    def before_epoch(self): self._unwind(self.learn.depth); self._t0,self._row = time.time(),{}
+    def before_train(self): self._unwind(self.learn.depth); self._reset(self._train_cols)
+    def before_validate(self): self._unwind(self.learn.depth); self._reset(self._valid_cols)
+    def _reset(self, cols):
+        for _,m in cols: m.reset()
+        self._phase_started,self._skip_batch = True,False  # (forget the gate of a batch cancelled in `after_batch`)
+
+    def after_cancel_batch(self):
+        "Skip a batch cancelled before its backward pass ran (a skipped NaN batch); one cancelled after it is recorded"
+        self._skip_batch = not self.learn.backward_ran
+
+    def after_batch(self):
+        "Update all metrics and records lr and smooth loss in training (no device op: `learn.smooth_loss` is computed when read)"
+        learn = self.learn
+        if self._skip_batch: self._skip_batch = False; return
+        if learn.loss is None or not learn.yb: return
+        if learn.training:
+            for _,m in self._train_cols: m.accumulate(learn)
+            self.smooth_loss.accumulate(learn)
+            if learn.opt is not None: self.lrs.append(learn.opt.param_groups[-1]['lr'])
+        else:
+            for _,m in self._valid_cols: m.accumulate(learn)
+
+    def after_train(self): self._unwind(self.learn.depth); self._record(self._train_cols)
+    def after_validate(self): self._unwind(self.learn.depth); self._record(self._valid_cols)
+    def _record(self, cols):
+        if not self._phase_started: return
+        self._phase_started = False
+        for n,m in cols:
+            v = _maybe_item(m.value)
+            self._row[n] = v if isinstance(v, list) else float(v)  # a vector metric (per class...) keeps its list
+
+    def after_epoch(self):
+        "Store and log the loss/metric values"
+        self._unwind(self.learn.depth)
+        row,self._row = self._row,{}
+        if not row: return  # nothing ran in this epoch: no stale row
+        cols = [n for n,_ in self._train_cols + self._valid_cols]
+        vals = [row.get(n, float('nan')) for n in cols]
+        self.learn.final_record = vals
+        if not self.learn.fitting: return
+        self.values.append(vals)
+        self.iters.append(len(self.losses))
+        log = [self.learn.epoch, *vals]
+        if self.add_time: log.append(format_time(time.time() - (self._t0 or time.time())))
+        if self.learn.logger is not None: self.learn.logger(log)  # None: muted, like `noop`
+
+    # ---- the history: losses, their plot
     def _cols(self, fitting=None):
         "The (column name, metric) pairs of the training and validation phases"
         names = unique_names([m.name for m in self.learn.metrics])  # two metrics named alike get two columns
@@ -241,16 +354,14 @@ class _RecorderHistory:
         ax.set_xlabel('iteration'); ax.set_ylabel('loss')
         return ax
 
-# %% ../nbs/02_recorder.ipynb #c8a293b2
-class _RecorderState:
-    "The checkpoint state of a `Recorder`"
+    # ---- the checkpoint state
     def state_dict(self):
         "The recorded history, and the running loss and metric accumulators of the current epoch"
         return {'lrs': list(self.lrs), 'iters': list(self.iters), 'losses': list(self.losses),
                 'values': [list(v) for v in self.values], 'metric_names': list(self.metric_names),
                 'smooth_loss': self.smooth_loss.state_dict(), 'loss': self.loss.state_dict(),
                 'metrics': [m.state_dict() for m in self.learn.metrics] if self.learn is not None else [],
-                'row': dict(self._row), 'phase_started': getattr(self, '_phase_started', False)}
+                'row': dict(self._row), 'phase_started': self._phase_started}
 
     def load_state_dict(self, sd):
         "Restore what `state_dict` returned (a checkpoint of a fit with other metrics is refused)"
@@ -280,129 +391,3 @@ class _RecorderState:
         if len(sd.get('metrics', [])) != len(self.learn.metrics):
             raise ValueError(f"The checkpoint has {len(sd['metrics'])} metric states, this learner has "
                              f"{len(self.learn.metrics)} metrics")
-
-#| export
-def format_time(t):
-    "Format `t` seconds as `mm:ss` (or `h:mm:ss`)"
-    t = int(t); h,m,s = t//3600, (t//60)%60, t%60
-    return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
-
-def format_value(v):
-    "A cell of the epoch table: floats with 6 decimals, a vector compactly"
-    if isinstance(v, list):
-        shown = ', '.join(f'{o:.4f}' if isinstance(o, float) else str(o) for o in v[:4])
-        return f"[{shown}{', …' if len(v) > 4 else ''}]"
-    return f'{v:.6f}' if isinstance(v, float) else str(v)
-
-def unique_names(names:list):
-    "`names` with the second and later uses of a name numbered: `accuracy`, `accuracy_2`"
-    seen,res = {},[]
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        res.append(n if seen[n] == 1 else f'{n}_{seen[n]}')
-    return res
-
-# %% ../nbs/02_recorder.ipynb #194f34fa
-class _BatchGate:
-    "Which batches the `Recorder` records: not one cancelled before its backward pass ran (a skipped NaN batch)"
-    # (one cancelled after it -- gradient accumulation skipping the step -- is recorded)
-    def after_backward(self): self._backward_ran = True
-    def after_cancel_batch(self): self._skip_batch = not getattr(self, '_backward_ran', False)
-    def _cancelled_early(self):
-        "Whether this batch was cancelled before its backward pass (and forget it for the next batch)"
-        skip,self._skip_batch,self._backward_ran = getattr(self, '_skip_batch', False),False,False
-        return skip
-
-# %% ../nbs/02_recorder.ipynb #fec4c67a
-class Recorder(_RecorderHistory, _RecorderState, _BatchGate, Callback):
-    "Callback that registers statistics (lr, loss and metrics) during training"
-    order,remove_on_fetch,agree_cancels = 50,True,False  # it never cancels: no agreement between ranks needed
-    def __init__(self, add_time:bool=True, # Add a `time` column
-                 train_metrics:bool=False, # Also compute the metrics on the training set
-                 valid_metrics:bool=True, # Compute loss and metrics on the validation set
-                 beta:float=0.98): # Smoothing of `smooth_loss`
-        store_attr('add_time,train_metrics,valid_metrics')
-        self.loss,self.smooth_loss = AvgLoss(),AvgSmoothLoss(beta=beta)
-        self.lrs,self.iters,self._losses,self.values,self.metric_names = [],[],[],[],[]
-        self._row,self._train_cols,self._valid_cols = {},[],[]
-
-    def before_fit(self):
-        "Prepare state for training (validation alone keeps the training history)"
-        self._unwind(self.learn.depth - 1)  # what a failed nested run left behind
-        if self.learn.depth > 1: self._stash()  # a validate/get_preds inside a fit: keep the outer run's state
-        self._train_cols,self._valid_cols = self._cols()
-        self._row,self._phase_started = {},False
-        if not self.learn.fitting: return
-        self.lrs,self.iters,self._losses,self.values = [],[],[],[]
-        names = [n for n,_ in self._train_cols + self._valid_cols]
-        self.metric_names = ['epoch', *names] + (['time'] if self.add_time else [])
-        self.smooth_loss.reset()
-
-    def _stash(self):
-        mets = [self.loss, self.smooth_loss, *self.learn.metrics]
-        st = (self._row, self._train_cols, self._valid_cols, getattr(self, '_phase_started', False), getattr(self, '_t0', None))
-        self._stack = getattr(self, '_stack', []) + [(self.learn.depth, st, [(m, m.state_dict()) for m in mets])]
-
-    def _unwind(self, depth):
-        "Give back the state of the runs deeper than `depth` (a nested run that ended, or failed and was caught)"
-        stack = getattr(self, '_stack', None)
-        while stack and stack[-1][0] > depth:
-            _,(self._row,self._train_cols,self._valid_cols,self._phase_started,self._t0),mets = stack.pop()
-            for m,sd in mets: m.load_state_dict(sd)
-
-    def after_fit(self):
-        "Give the outer run its state back after a nested validation"
-        self._unwind(self.learn.depth - 1)
-
-    def before_epoch(self): self._unwind(self.learn.depth); self._t0,self._row = time.time(),{}
-    def before_train(self): self._unwind(self.learn.depth); self._reset(self._train_cols)
-    def before_validate(self): self._unwind(self.learn.depth); self._reset(self._valid_cols)
-    def _reset(self, cols):
-        for _,m in cols: m.reset()
-        self._phase_started = True; self._cancelled_early()  # (forget the gate of a batch cancelled in `after_batch`)
-
-    def after_batch(self):
-        "Update all metrics and records lr and smooth loss in training (no device op: `learn.smooth_loss` is computed when read)"
-        learn = self.learn
-        if self._cancelled_early() or not learn.yb or learn.loss is None: return
-        for _,m in (self._train_cols if learn.training else self._valid_cols): m.accumulate(learn)
-        if not learn.training: return
-        self.smooth_loss.accumulate(learn)
-        if learn.opt is not None: self.lrs.append(learn.opt.param_groups[-1]['lr'])
-
-    def after_train(self): self._unwind(self.learn.depth); self._record(self._train_cols)
-    def after_validate(self): self._unwind(self.learn.depth); self._record(self._valid_cols)
-    def _record(self, cols):
-        if not getattr(self, '_phase_started', False): return
-        self._phase_started = False
-        for n,m in cols:
-            v = _maybe_item(m.value)
-            self._row[n] = v if isinstance(v, list) else float(v)  # a vector metric (per class...) keeps its list
-
-    def after_epoch(self):
-        "Store and log the loss/metric values"
-        self._unwind(self.learn.depth)
-        row,self._row = self._row,{}
-        if not row: return  # nothing ran in this epoch: no stale row
-        cols = [n for n,_ in self._train_cols + self._valid_cols]
-        vals = [row.get(n, float('nan')) for n in cols]
-        self.learn.final_record = vals
-        if not self.learn.fitting: return
-        self.values.append(vals)
-        self.iters.append(len(self.losses))
-        log = [self.learn.epoch, *vals]
-        if self.add_time: log.append(format_time(time.time() - getattr(self, '_t0', time.time())))
-        self.learn.logger(log)
-
-# %% ../nbs/02_recorder.ipynb #246b4b24
-class LearnerRecording:
-    "The `Learner`'s view of its `Recorder`: `smooth_loss`, computed when read"
-    @property
-    def smooth_loss(self):
-        "Smoothed training loss up to the last batch the `Recorder` saw (a float32 CPU tensor)"
-        sl = getattr(self.get_cb('recorder'), 'smooth_loss', None)
-        if isinstance(sl, AvgSmoothLoss) and sl.count: return sl.value
-        if '_smooth_loss' in self.__dict__: return self.__dict__['_smooth_loss']
-        raise AttributeError('smooth_loss')  # `Learner.__getattr__` then says the learner has none
-    @smooth_loss.setter
-    def smooth_loss(self, v): self.__dict__['_smooth_loss'] = v

@@ -14,7 +14,7 @@ from .checkpoint import *
 from .sharded import *
 
 # %% auto #0
-__all__ = ['identity_diff', 'Candidates', 'resume_file', 'join_history', 'check_checkpoint', 'ResumePlan']
+__all__ = ['identity_diff', 'Candidates', 'resume_file', 'join_history', 'read_checkpoint', 'check_checkpoint', 'ResumePlan']
 
 # %% ../nbs/04a_resume.ipynb #f735fdb8
 def identity_diff(a, # The identity of the checkpoint's run
@@ -40,9 +40,12 @@ def identity_diff(a, # The identity of the checkpoint's run
 
 # %% ../nbs/04a_resume.ipynb #08482d91
 class Candidates:
-    "The checkpoints `fit(resume=...)` may continue from: this run's in `folder` ('latest'), or any run's (a folder)"
-    def __init__(self, folder, any_run:bool=False): self.folder,self.any_run = Path(folder),any_run
-    def __repr__(self): return f"Candidates('{self.folder}', any_run={self.any_run})"
+    "The checkpoints `fit(resume=...)` may continue from: this run's in `storage` ('latest'), or any run's (a folder)"
+    def __init__(self, storage, # A `CheckpointStorage`, or a local folder
+                 any_run:bool=False): # Whether the checkpoints of any run are candidates
+        self.storage,self.any_run = storage if isinstance(storage, CheckpointStorage) else LocalStorage(storage),any_run
+    folder = property(lambda self: self.storage.uri(''), doc="Where the candidates are (a path, or a URL)")
+    def __repr__(self): return f"Candidates({self.storage!r}, any_run={self.any_run})"
 
 def resume_file(learn, # The `Learner`
                 resume): # A checkpoint file, a folder (its latest checkpoint), or 'latest'
@@ -53,8 +56,8 @@ def resume_file(learn, # The `Learner`
                                          "to know where the checkpoints are; or pass resume=<checkpoint file or folder>")
         f = finders[0].latest_checkpoint()
         if f is None: warnings.warn("resume='latest': no checkpoint written yet, training from the start"); return None
-        folder = getattr(finders[0], 'folder', None)
-        return f if folder is None else Candidates(folder)
+        storage = getattr(finders[0], 'storage', None)
+        return f if storage is None else Candidates(storage)
     p = Path(resume)
     if p.is_dir():
         if not checkpoint_files(p): raise FileNotFoundError(f"resume='{p}': no checkpoint (checkpoint_*.pth) in this folder")
@@ -103,9 +106,10 @@ def _marks(obj, path=()):
         if set(obj) == {'__history__'}: yield path,obj['__history__']; return
         for k,v in obj.items(): yield from _marks(v, path + (k,))
 
-def _history_file(f, ckpt):
-    "The lists of history side file `f`, checked; an error names it"
-    try: h = torch.load(f, map_location='cpu', weights_only=True)
+def _history_file(storage, name, ckpt):
+    "The lists of history side file `name` of `storage`, checked; an error names it"
+    f = storage.uri(name)
+    try: h = storage.load(name, map_location='cpu')
     except FileNotFoundError: raise ValueError(f"Checkpoint '{ckpt}' needs the history file '{f}', which is missing") from None
     except Exception as e:
         raise ValueError(f"The history file '{f}' of checkpoint '{ckpt}' is truncated or corrupt ({type(e).__name__}: "
@@ -115,31 +119,36 @@ def _history_file(f, ckpt):
     check_seal(h, f)
     return h['lists']
 
+def _valid_mark(m):
+    return (isinstance(m, dict) and isinstance(m.get('chunks'), list) and isinstance(m.get('n'), int)
+            and isinstance(m.get('tail'), list)
+            and all(isinstance(c, str) and re.fullmatch(r'history_[0-9a-f]{12}_\d+\.pth', c) for c in m['chunks']))
+
 def join_history(sd, # A checkpoint, as loaded
-                 file): # Its file (the side files are next to it)
+                 file, # Its file (a name in `storage` when one is given): the side files are next to it
+                 storage:CheckpointStorage|None=None): # The storage holding them (None: the local file system)
     "Put back in `sd` the per-batch histories `CheckpointCallback` keeps in side files"
-    cache,refs = {},{}
+    if storage is None: storage,file = LocalStorage(Path(file).parent),Path(file).name
+    cache,refs,where = {},{},storage.uri(file)
     for path,m in list(_marks(sd['cbs'])):
-        if not (isinstance(m, dict) and isinstance(m.get('chunks'), list) and isinstance(m.get('n'), int)
-                and isinstance(m.get('tail'), list)
-                and all(isinstance(c, str) and re.fullmatch(r'history_[0-9a-f]{12}_\d+\.pth', c) for c in m['chunks'])):
-            raise ValueError(f"Checkpoint '{file}' is corrupt: its reference to the history {list(path)} is not valid")
+        if not _valid_mark(m): raise ValueError(f"Checkpoint '{where}' is corrupt: its reference to the history {list(path)} is not valid")
         lst = []
         for c in m['chunks']:
-            if c not in cache: cache[c] = _history_file(Path(file).parent/c, file)
+            if c not in cache: cache[c] = _history_file(storage, c, where)
             part = cache[c].get(repr(path))
             if not isinstance(part, list): raise ValueError(f"The history file '{c}' lacks the history {list(path)}")
             lst += part
-        if len(lst) != m['n']: raise ValueError(f"Checkpoint '{file}': its history {list(path)} has {len(lst)} values in its "
+        if len(lst) != m['n']: raise ValueError(f"Checkpoint '{where}': its history {list(path)} has {len(lst)} values in its "
                                                 f"side files, {m['n']} expected")
         refs[path] = (list(m['chunks']), m['n'], repr(lst[-1]) if lst else None)
         put_at(sd['cbs'], path, lst + m['tail'])
     sd['history_refs'] = refs
 
 # %% ../nbs/04a_resume.ipynb #1e1b9188
-def _read_checkpoint(file):
-    "The checkpoint in `file`, loaded with `weights_only=True` and checked to be sound; an error for anything else"
-    try: sd = torch.load(file, map_location='cpu', weights_only=True)
+def _load_checkpoint(storage, name):
+    "The object `name` of `storage`: a complete fastcb checkpoint, loaded with `weights_only=True`"
+    file = storage.uri(name)
+    try: sd = storage.load(name, map_location='cpu')
     except Exception as e:
         raise RuntimeError(f"Could not load checkpoint '{file}': it is truncated or corrupt, not a torch file, or holds "
                            f"objects other than tensors and plain values ({type(e).__name__}: {str(e)[:200]})") from e
@@ -148,18 +157,15 @@ def _read_checkpoint(file):
                          f"to load weights saved by learn.save, use learn.load")
     missing = [k for k in ('model', 'opt', 'grads', 'cbs', 'loop', 'rng', 'rng_epoch') if k not in sd]
     if missing: raise ValueError(f"Checkpoint '{file}' is incomplete: it lacks {missing}")
-    check_seal(sd, file)
+    return sd
+
+def _check_types(sd, file):
+    "Refuse parts that are not of the types fastcb writes"
     types = {'model': dict, 'opt': (dict, type(None)), 'grads': (list, tuple, type(None)), 'cbs': dict,
              'opt_info': (dict, type(None)), 'run': dict}
     bad = [k for k,t in types.items() if k in sd and not isinstance(sd[k], t)]
     bad += [f'cbs[{k!r}]' for k,v in sd['cbs'].items() if not isinstance(v, dict)] if isinstance(sd['cbs'], dict) else []
     if bad: raise ValueError(f"Checkpoint '{file}' is corrupt: its {bad} are not what fastcb writes")
-    if 'shards' in sd: check_shards(Path(file).with_suffix('.shards'), sd['shards'], f"Checkpoint '{file}'")
-    _check_counters(sd['loop'], file)
-    _check_rng_state(sd['rng'], file)
-    if sd['loop']['batch'] is not None: _check_rng_state(sd['rng_epoch'], file, ' at the start of the epoch')
-    join_history(sd, file)
-    return sd
 
 def _check_cbs(learn, sd, file):
     "The checkpoint's callback states fit `learn`'s callbacks"
@@ -207,54 +213,72 @@ def _check_grads(learn, grads, file):
             raise ValueError(f"Checkpoint '{file}' does not fit this model: the gradient of {n} has shape "
                              f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}, the parameter {tuple(p.shape)}")
 
-def check_checkpoint(learn, sd, file, n_epoch):
+# %% ../nbs/04a_resume.ipynb #d9228a7f
+def read_checkpoint(storage:CheckpointStorage, # Where the checkpoint is
+                    name:str): # Its name there
+    "Checkpoint `name` of `storage`, read with `weights_only=True` and checked to be sound"
+    file = storage.uri(name)
+    sd = _load_checkpoint(storage, name)  # a torch file in fastcb's checkpoint format, with all its parts
+    check_seal(sd, file)  # the checksums written with it
+    _check_types(sd, file)  # parts of the types fastcb writes
+    if 'shards' in sd: check_shards(shards_name(name), sd['shards'], f"Checkpoint '{file}'", storage)  # (FSDP) shards whole
+    _check_counters(sd['loop'], file)  # loop counters in range
+    _check_rng_state(sd['rng'], file)  # random states the generators take
+    if sd['loop']['batch'] is not None: _check_rng_state(sd['rng_epoch'], file, ' at the start of the epoch')
+    join_history(sd, name, storage)  # the histories of its side files, whole
+    return sd
+
+def check_checkpoint(learn, # The `Learner` about to fit
+                     sd:dict, # What `read_checkpoint` returned
+                     file, # Where it was read (for the messages)
+                     n_epoch:int): # The fit's number of epochs
     "Raise, naming `file` and the mismatch, when checkpoint `sd` does not fit `learn` (before anything changes)"
-    check_state_dict(learn.model, sd['model'], True, file)
-    if sd['opt'] is not None:
+    check_state_dict(learn.model, sd['model'], True, file)  # the model's keys and shapes
+    if sd['opt'] is not None:  # the optimizer's class, switches and state shapes
         if learn.opt is None: learn.create_opt()
         check_opt_state(learn.opt, sd['opt'], file, sd.get('opt_info'))
-    _check_grads(learn, sd['grads'], file)
-    _check_cbs(learn, sd, file)
-    _check_loop(learn, sd, file, n_epoch)
+    _check_grads(learn, sd['grads'], file)  # the gradients' shapes
+    _check_cbs(learn, sd, file)  # the callbacks' states
+    _check_loop(learn, sd, file, n_epoch)  # the training loader, its generators, the epochs
 
 # %% ../nbs/04a_resume.ipynb #2e0a6d75
-def _other_run(file, identity):
-    "What differs between the run of checkpoint `file` and `identity`, in words"
-    try: sd = _read_checkpoint(file)
-    except Exception as e: return f"'{file.name}' cannot be read: {str(e)[:100]}"
-    if not isinstance(sd.get('run'), dict): return f"'{file.name}' was written without a run identity (an older fastcb)"
-    return f"'{file.name}' differs in " + ('; '.join(identity_diff(sd['run'].get('static', {}), identity)) or 'its fingerprint')
+def _other_run(storage, name, identity):
+    "What differs between the run of checkpoint `name` and `identity`, in words"
+    try: sd = read_checkpoint(storage, name)
+    except Exception as e: return f"'{name}' cannot be read: {str(e)[:100]}"
+    if not isinstance(sd.get('run'), dict): return f"'{name}' was written without a run identity (an older fastcb)"
+    return f"'{name}' differs in " + ('; '.join(identity_diff(sd['run'].get('static', {}), identity)) or 'its fingerprint')
 
 def _pick(learn, cands, n_epoch, identity):
-    "`(file, state)` of the newest intact candidate; `(None, None)` when 'latest' finds only other runs"
-    files = checkpoint_files(cands.folder)[::-1]
+    "`(name, state)` of the newest intact candidate; `(None, None)` when 'latest' finds only other runs"
+    st,names = cands.storage,checkpoint_names(cands.storage)[::-1]
     fp = run_fingerprint(identity)
-    mine = files if cands.any_run else [f for f in files if (checkpoint_run(f) or '')[:8] == fp]
+    mine = names if cands.any_run else [n for n in names if (checkpoint_run(n) or '')[:8] == fp]
     if not mine:
         warnings.warn(f"resume='latest': the checkpoints in '{cands.folder}' are of other runs (the newest, "
-                      f"{_other_run(files[0], identity)}): this fit trains from the start and leaves their files alone. "
+                      f"{_other_run(st, names[0], identity)}): this fit trains from the start and leaves their files alone. "
                       f"To continue one of them anyway, pass resume=<its file>")
         return None,None
     bad = []
-    for f in mine:
-        try: sd = _read_checkpoint(f)
-        except (RuntimeError, ValueError) as e: bad.append(f"'{f.name}': {str(e)[:300]}"); continue
+    for n in mine:
+        try: sd = read_checkpoint(st, n)
+        except (RuntimeError, ValueError) as e: bad.append(f"'{n}': {str(e)[:300]}"); continue
         if bad: warnings.warn(f"resume: {len(bad)} newer checkpoint(s) in '{cands.folder}' are corrupt, resuming from "
-                              f"'{f.name}', the newest intact one ({'; '.join(bad)})")
-        check_checkpoint(learn, sd, f, n_epoch)
-        return f,sd
+                              f"'{n}', the newest intact one ({'; '.join(bad)})")
+        check_checkpoint(learn, sd, st.uri(n), n_epoch)
+        return n,sd
     raise ValueError(f"No intact checkpoint to resume from in '{cands.folder}': {'; '.join(bad)}")
 
-def _read_named(file):
-    "The checkpoint `file`; when it is corrupt, the error names the newest intact checkpoint of its run"
-    try: return _read_checkpoint(file)
+def _read_named(storage, name):
+    "The checkpoint `name`; when it is corrupt, the error names the newest intact checkpoint of its run"
+    try: return read_checkpoint(storage, name)
     except (RuntimeError, ValueError) as e:
-        tag = checkpoint_run(file)
-        for f in checkpoint_files(file.parent)[::-1]:
-            if f.name >= file.name or (tag is not None and checkpoint_run(f) != tag): continue
-            try: _read_checkpoint(f)
+        tag = checkpoint_run(name)
+        for n in checkpoint_names(storage)[::-1]:
+            if n >= name or (tag is not None and checkpoint_run(n) != tag): continue
+            try: read_checkpoint(storage, n)
             except Exception: continue
-            raise type(e)(f"{e}. The previous checkpoint of this run is intact: resume='{f}'") from e
+            raise type(e)(f"{e}. The previous checkpoint of this run is intact: resume='{storage.uri(n)}'") from e
         raise
 
 # %% ../nbs/04a_resume.ipynb #8bfc11cb
@@ -267,8 +291,90 @@ def _skip_unloaded(dl, it, k):
     it._num_yielded += k
     return True
 
-class _PlanLoop:
-    "What the loop asks a `ResumePlan` in the epochs: the random state of the interrupted epoch, the batches to skip"
+# %% ../nbs/04a_resume.ipynb #7096fb7f
+class ResumePlan:
+    "A checkpoint read and checked for `fit(resume=...)`, and what the loop restores from it, and when"
+    def __init__(self, learn, # The `Learner` about to fit
+                 file, # The checkpoint file, or the `Candidates` of a folder or of 'latest'
+                 n_epoch:int): # The fit's number of epochs
+        if learn.opt is None: learn.create_opt()
+        self.identity,self.latest = run_identity(learn, n_epoch),isinstance(file, Candidates) and not file.any_run
+        if isinstance(file, Candidates): self.storage,(self.name,self.sd) = file.storage,_pick(learn, file, n_epoch, self.identity)
+        else:
+            self.storage,self.name = LocalStorage(Path(file).parent),Path(file).name
+            self.sd = _read_named(self.storage, self.name)
+            check_checkpoint(learn, self.sd, self.storage.uri(self.name), n_epoch)
+        self.file = None if self.name is None else self.storage.uri(self.name)
+        lp = self.sd['loop'] if self.resuming else None
+        self.start_epoch = 0 if lp is None else lp['epoch'] + (lp['batch'] is None)
+        self.pending = lp is not None and lp['batch'] is not None
+        if self.resuming: self._warn(learn)
+
+    resuming = property(lambda self: self.sd is not None,
+                        doc="Whether the fit continues a checkpoint (False: 'latest' found only other runs', it starts afresh)")
+    run = property(lambda self: self.sd.get('run') if self.resuming and isinstance(self.sd.get('run'), dict) else None,
+                   doc="The run the checkpoint belongs to (`{'tag', 'static', 'hypers'}`), or None")
+    history_refs = property(lambda self: self.sd.get('history_refs', {}) if self.resuming else {},
+                            doc="`{path: (side files, length, repr(last value))}` of the histories in side files")
+
+    def _warn(self, learn):
+        "Warn about what differs from the checkpoint's run (with 'latest': its callbacks), workers that cannot be replayed"
+        if self.run is not None:
+            diff = identity_diff(self.run.get('static', {}), self.identity)
+            if diff: warnings.warn(f"Checkpoint '{self.file}' comes from a run that differs: {'; '.join(diff)} (checkpoint "
+                                   f"vs this fit). It is resumed as asked" + (": the callbacks that differ start as they are"
+                                                                            if self.latest else ''))
+        dl = learn.dls.train
+        if getattr(dl, 'persistent_workers', False) and getattr(dl, 'num_workers', 0) > 0:
+            warnings.warn(f"Resuming '{self.file}' with a training loader whose worker processes persist between epochs "
+                          f"(persistent_workers=True): their random states are not in the checkpoint (they live in the "
+                          f"workers, seeded once when they start), so random augmentation done in the workers differs "
+                          f"from the uninterrupted training after the resume. For a bit-identical resume, use "
+                          f"persistent_workers=False")
+
+    def _check_hypers(self, learn):
+        "Before anything changes: the hyper-parameters this fit set are those of the checkpoint's run"
+        if self.run is None or 'hypers' not in self.run: return
+        diff = identity_diff(self.run['hypers'], opt_hypers(learn.opt))
+        if not diff: return
+        msg = (f"Checkpoint '{self.file}' was written by a fit asked for other hyper-parameters: {', '.join(diff)} "
+               f"(checkpoint vs this fit)")
+        if self.latest: raise ValueError(f"{msg}. resume='latest' continues only the same run: fit with the same values, pass "
+                                         f"resume=<the file> to continue it with its own values, or resume=None to start afresh")
+        warnings.warn(f"{msg}: the checkpoint's values are restored with its optimizer state")
+
+    def restore(self, learn):
+        "After `before_fit`: weights, optimizer, gradients, counters (and, at an epoch's end, callbacks and random state)"
+        sd = self.sd
+        if sd is None: return
+        self._check_hypers(learn)
+        if 'shards' in sd:  # written by sharded processes (FSDP): resharded to this run's processes, or to this one
+            grads = [n for (n,_),g in zip(learn.model.named_parameters(), sd['grads'] or []) if g is not None]
+            load_shards(shards_name(self.name), learn.model, learn.opt if sd['opt'] is not None else None, grads, self.storage)
+        else:
+            load_model_state(learn.model, sd['model'])
+            if sd['opt'] is not None: learn.opt.load_state_dict(sd['opt'])
+            if sd['grads'] is not None:
+                for p,g in zip(learn.model.parameters(), sd['grads']): p.grad = None if g is None else g.to(p.device)
+        learn.train_iter,learn.pct_train = sd['loop']['train_iter'],sd['loop']['pct_train']
+        if not self.pending: self._restore_cbs(learn); set_rng_state(sd['rng'], learn.dls)
+
+    def _restore_cbs(self, learn):
+        for k,cb in cb_keys(learn.cbs):
+            if k in self.sd['cbs']: cb.load_state_dict(self.sd['cbs'][k])
+
+    def adopt_rank(self, rank:int, # This process's rank
+                   world_size:int): # The number of processes of this run
+        "Resume this process with its own random states (a distributed checkpoint holds each process's), not rank 0's"
+        rs = None if self.sd is None else self.sd.get('rng_ranks')
+        if rs is not None and len(rs) != world_size and rank == 0:
+            warnings.warn(f"The checkpoint holds the random states of {len(rs)} process(es), this run has {world_size}: the "
+                          f"processes without one resume with rank 0's (the training goes on, not exactly as the interrupted "
+                          f"one would)")
+        if rs is None or rank >= len(rs) or not isinstance(rs[rank], dict): return
+        for k in ('rng', 'rng_epoch'):
+            if rs[rank].get(k) is not None: self.sd[k] = rs[rank][k]
+
     def before_epoch(self, learn):
         "At the start of the interrupted epoch: the random state it started with, so that its shuffle replays"
         if self.pending: set_rng_state(self.sd['rng_epoch'], learn.dls)
@@ -288,72 +394,3 @@ class _PlanLoop:
                                      f"batches, the checkpoint was taken after {k}") from None
         set_rng_state(self.sd['rng'], learn.dls)
         return it,k
-
-# %% ../nbs/04a_resume.ipynb #7096fb7f
-class ResumePlan(_PlanLoop):
-    "A checkpoint read and checked for `fit(resume=...)`, and what the loop restores from it, and when"
-    def __init__(self, learn, # The `Learner` about to fit
-                 file, # The checkpoint file, or the `Candidates` of a folder or of 'latest'
-                 n_epoch:int): # The fit's number of epochs
-        if learn.opt is None: learn.create_opt()
-        self.identity,self.latest = run_identity(learn, n_epoch),isinstance(file, Candidates) and not file.any_run
-        if isinstance(file, Candidates): self.file,self.sd = _pick(learn, file, n_epoch, self.identity)
-        else:
-            self.file = Path(file)
-            self.sd = _read_named(self.file)
-            check_checkpoint(learn, self.sd, self.file, n_epoch)
-        self.resuming = self.sd is not None  # False: 'latest' found only other runs' checkpoints, the fit starts afresh
-        lp = self.sd['loop'] if self.resuming else None
-        self.start_epoch = 0 if lp is None else lp['epoch'] + (lp['batch'] is None)
-        self.pending = lp is not None and lp['batch'] is not None
-        if self.resuming: self._warn(learn)
-
-    def _warn(self, learn):
-        "Warn about what differs from the checkpoint's run (with 'latest': its callbacks), workers that cannot be replayed"
-        run = self.sd.get('run')
-        if isinstance(run, dict):
-            diff = identity_diff(run.get('static', {}), self.identity)
-            if diff: warnings.warn(f"Checkpoint '{self.file}' comes from a run that differs: {'; '.join(diff)} (checkpoint "
-                                   f"vs this fit). It is resumed as asked" + (": the callbacks that differ start as they are"
-                                                                            if self.latest else ''))
-        dl = learn.dls.train
-        if getattr(dl, 'persistent_workers', False) and getattr(dl, 'num_workers', 0) > 0:
-            warnings.warn(f"Resuming '{self.file}' with a training loader whose worker processes persist between epochs "
-                          f"(persistent_workers=True): their random states are not in the checkpoint (they live in the "
-                          f"workers, seeded once when they start), so random augmentation done in the workers differs "
-                          f"from the uninterrupted training after the resume. For a bit-identical resume, use "
-                          f"persistent_workers=False")
-
-    def _check_hypers(self, learn):
-        "Before anything changes: the hyper-parameters this fit set are those of the checkpoint's run"
-        run = self.sd.get('run')
-        if not isinstance(run, dict) or 'hypers' not in run: return
-        diff = identity_diff(run['hypers'], opt_hypers(learn.opt))
-        if not diff: return
-        msg = (f"Checkpoint '{self.file}' was written by a fit asked for other hyper-parameters: {', '.join(diff)} "
-               f"(checkpoint vs this fit)")
-        if self.latest: raise ValueError(f"{msg}. resume='latest' continues only the same run: fit with the same values, pass "
-                                         f"resume=<the file> to continue it with its own values, or resume=None to start afresh")
-        warnings.warn(f"{msg}: the checkpoint's values are restored with its optimizer state")
-
-    def restore(self, learn):
-        "After `before_fit`: weights, optimizer, gradients, counters (and, at an epoch's end, callbacks and random state)"
-        sd = self.sd
-        if sd is None: return
-        self._check_hypers(learn)
-        if 'shards' in sd:  # written by sharded processes (FSDP): resharded to this run's processes, or to this one
-            grads = [n for (n,_),g in zip(learn.model.named_parameters(), sd['grads'] or []) if g is not None]
-            load_shards(Path(self.file).with_suffix('.shards'), learn.model, learn.opt if sd['opt'] is not None else None, grads)
-        else:
-            load_model_state(learn.model, sd['model'])
-            if sd['opt'] is not None: learn.opt.load_state_dict(sd['opt'])
-            if sd['grads'] is not None:
-                for p,g in zip(learn.model.parameters(), sd['grads']): p.grad = None if g is None else g.to(p.device)
-        learn.train_iter,learn.pct_train = sd['loop']['train_iter'],sd['loop']['pct_train']
-        if not self.pending: self._restore_cbs(learn); set_rng_state(sd['rng'], learn.dls)
-
-    def _restore_cbs(self, learn):
-        for k,cb in cb_keys(learn.cbs):
-            if k in self.sd['cbs']: cb.load_state_dict(self.sd['cbs'][k])
-
-

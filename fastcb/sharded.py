@@ -4,34 +4,31 @@
 
 # %% ../nbs/03a_sharded.ipynb #3c75df32
 from __future__ import annotations
-import os, shutil, warnings
+import os, shutil, sys, warnings
 from pathlib import Path
 import torch
 from torch import nn
 from .data import tree_map
 
-try:
-    from torch.distributed.tensor import DTensor
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-except ImportError: DTensor = dcp = None  # a torch without torch.distributed (or older than 2.4)
-
 # %% auto #0
-__all__ = ['is_sharded', 'skeleton', 'dist_rank', 'full_state', 'load_full_state', 'shard_payload', 'save_shards', 'check_shards',
-           'load_shards']
+__all__ = ['is_sharded', 'skeleton', 'dist_rank', 'full_state', 'load_full_state', 'shard_payload', 'replace_folder',
+           'save_shards', 'check_shards', 'load_shards']
 
 # %% ../nbs/03a_sharded.ipynb #f6af7c4b
 def is_sharded(model:nn.Module): # A model
     "Whether `model` has `DTensor` parameters (sharded by FSDP2's `fully_shard`, or tensor parallel)"
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+    dt = sys.modules.get('torch.distributed.tensor')  # not imported yet: no tensor is a `DTensor`
+    return dt is not None and any(isinstance(p, dt.DTensor) for p in model.parameters())
 
 def skeleton(obj): # A nested structure of tensors (a state dict)
     "`obj` with each tensor replaced by an empty one on the meta device of the same (global) shape and dtype"
     return tree_map(lambda t: torch.empty(t.shape, dtype=t.dtype, device='meta'), obj, plain=True)
 
 # %% ../nbs/03a_sharded.ipynb #31242931
-def _opts(**kw): return StateDictOptions(**kw)
+def _sd():
+    "torch's functions between sharded models and state dicts (imported when first needed: they load much of torch)"
+    import torch.distributed.checkpoint.state_dict as sd
+    return sd
 
 def dist_rank():
     "The rank of this process in the default process group (0 without one)"
@@ -56,9 +53,10 @@ def full_state(model:nn.Module, # A model (sharded or not)
     "`(model_sd, opt_sd)` as plain CPU state dicts on rank 0 (`(None, None)` on the other ranks): a collective"
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        o = _opts(full_state_dict=True, cpu_offload=True)
-        msd = get_model_state_dict(model, options=o)
-        osd = get_optimizer_state_dict(model, opt, options=o) if opt is not None else None
+        sd = _sd()
+        o = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = sd.get_model_state_dict(model, options=o)
+        osd = sd.get_optimizer_state_dict(model, opt, options=o) if opt is not None else None
     if dist_rank() != 0: return None,None
     return msd,(None if osd is None else _numbered(osd))
 
@@ -68,13 +66,14 @@ def load_full_state(model:nn.Module, # A sharded model
                     osd:dict|None=None, # A plain optimizer state dict for `opt`, or None
                     strict:bool=True): # Require the model's keys to match exactly
     "Load plain state dicts into a sharded `model` (and `opt`): each process keeps its slices; a collective"
-    o = _opts(full_state_dict=True, strict=strict)
+    sd = _sd()
+    o = sd.StateDictOptions(full_state_dict=True, strict=strict)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if msd is not None: set_model_state_dict(model, msd, options=o)
+        if msd is not None: sd.set_model_state_dict(model, msd, options=o)
         if opt is None or osd is None: return
         if any(isinstance(v, torch.Tensor) and v.dim() for st in osd['state'].values() for v in st.values()):
-            set_optimizer_state_dict(model, opt, _named(model, opt, osd), options=o)
+            sd.set_optimizer_state_dict(model, opt, _named(model, opt, osd), options=o)
         else: opt.load_state_dict(osd)  # no per-parameter tensor (plain SGD): nothing to slice
 
 # %% ../nbs/03a_sharded.ipynb #7deadc32
@@ -84,71 +83,102 @@ def shard_payload(model:nn.Module, # A model (sharded or not)
     "What `save_shards` writes: `{'model': ..., 'opt': ..., 'grads': ...}` with each process's slices"
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        res = {'model': get_model_state_dict(model)}
-        if opt is not None: res['opt'] = get_optimizer_state_dict(model, opt)
+        res = {'model': _sd().get_model_state_dict(model)}
+        if opt is not None: res['opt'] = _sd().get_optimizer_state_dict(model, opt)
     if grads: res['grads'] = {n: p.grad.detach() for n,p in model.named_parameters() if p.grad is not None}
     return res
 
+def _dcp():
+    "`torch.distributed.checkpoint` (imported when first needed)"
+    import torch.distributed.checkpoint as dcp
+    return dcp
+
 def _tmp_folder(folder): return folder.with_name(f'.{folder.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp')  # as `atomic_save`'s
 
-def _manifest(folder): return {f.name: f.stat().st_size for f in sorted(Path(folder).iterdir()) if f.is_file()}
+def replace_folder(tmp, # A complete local folder
+                   folder): # The folder it replaces (there or not)
+    "Put local folder `tmp` in place of `folder`: the old one aside first (a folder cannot replace another in one step)"
+    tmp,folder = Path(tmp),Path(folder)
+    old = _tmp_folder(folder) if folder.exists() else None
+    if old is not None: os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old is not None: shutil.rmtree(old, ignore_errors=True)
+
+def _new_folder(folder, storage):
+    "Rank 0: `(tmp, location)` of a new folder that becomes `folder` (a name in `storage`, or a local path) once written"
+    if storage is not None: tmp = storage.new_folder(folder); return tmp,storage.uri(tmp)
+    tmp = _tmp_folder(Path(folder))
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    return tmp,tmp
+
+def _files(folder, storage):
+    "`({file: size}, location)` of folder `folder` (a name in `storage`, or a local path): `{}` when it is missing"
+    if storage is None:
+        folder = Path(folder)
+        return ({f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()} if folder.is_dir() else {}),folder
+    return {n: storage.size(f'{folder}/{n}') for n in sorted(storage.list(folder))},storage.uri(folder)
+
+def _commit(tmp, folder, storage):
+    "Rank 0: the folder written at `tmp` becomes `folder`; its manifest (the size of each file)"
+    if storage is None: replace_folder(tmp, folder)
+    else: storage.commit_folder(tmp, folder)
+    return _files(folder, storage)[0]
+
+def _broadcast(v, group):
+    "Rank 0's `v` (a path or a name), on every process"
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()): return v
+    obj = [None if v is None else str(v)]
+    dist.broadcast_object_list(obj, 0, group=group)
+    return obj[0]
 
 def save_shards(payload:dict, # What `shard_payload` returned on this process
-                folder, # The folder to write; the same path on every process (rank 0's is used)
-                group=None): # A process group to agree on the path (None: the default group)
+                folder, # The folder to write (a name in `storage`, or a local path); rank 0's is used
+                group=None, # A process group to agree on the path (None: the default group)
+                storage=None): # A `CheckpointStorage` (see "Checkpoints"); None: `folder` is a local path
     "Write `payload` with `torch.distributed.checkpoint` into `folder`, atomically; returns the manifest on rank 0"
     dist = torch.distributed
-    on = dist.is_available() and dist.is_initialized()
-    obj = [str(folder)]
-    if on: dist.broadcast_object_list(obj, 0, group=group)  # rank 0's path: the name is decided there
-    folder = Path(obj[0])
-    tmp = _tmp_folder(folder) if dist_rank() == 0 else None
-    if on:
-        obj = [str(tmp)]
-        dist.broadcast_object_list(obj, 0, group=group)
-        tmp = Path(obj[0])
+    on,rank0 = dist.is_available() and dist.is_initialized(),dist_rank() == 0
+    folder = _broadcast(folder, group)  # the name is decided on rank 0
+    tmp,where = _new_folder(folder, storage) if rank0 else (None, None)
+    where = _broadcast(where, group)
     try:
-        if dist_rank() == 0: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
         if on: dist.barrier(group=group)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # (DCP's note that it saves in a single process)
-            dcp.save(payload, checkpoint_id=tmp, no_dist=not on)  # returns everywhere once rank 0 wrote the metadata
-        if dist_rank() != 0: return None
-        man = _manifest(tmp)
-        old = _tmp_folder(folder) if folder.exists() else None
-        if old is not None: os.replace(folder, old)  # (a folder cannot replace another in one step: the old one aside first)
-        os.replace(tmp, folder)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
-        return man
+            _dcp().save(payload, checkpoint_id=where, no_dist=not on)  # returns everywhere once rank 0 wrote the metadata
+        return _commit(tmp, folder, storage) if rank0 else None
     except BaseException:
-        if dist_rank() == 0: shutil.rmtree(tmp, ignore_errors=True)
+        if rank0: storage.remove(tmp) if storage is not None else shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 def check_shards(folder, # A folder `save_shards` wrote
                  manifest:dict, # The manifest it returned
-                 what:str=''): # The checkpoint it belongs to, for the message
+                 what:str='', # The checkpoint it belongs to, for the message
+                 storage=None): # The `CheckpointStorage` `folder` is a name of; None: a local path
     "Raise, naming the file, when a shard of `folder` is missing or has another size than written"
-    folder = Path(folder)
-    if not folder.is_dir(): raise FileNotFoundError(f"{what or 'The checkpoint'}: its shards folder '{folder}' is missing")
+    what = what or 'The checkpoint'
+    files,where = _files(folder, storage)
+    if not files: raise FileNotFoundError(f"{what}: its shards folder '{where}' is missing")
     for n,size in manifest.items():
-        f = folder/n
-        if not f.exists(): raise ValueError(f"{what or 'The checkpoint'}: shard '{f}' is missing")
-        if f.stat().st_size != size:
-            raise ValueError(f"{what or 'The checkpoint'}: shard '{f}' has {f.stat().st_size} bytes, {size} were written "
-                             f"(truncated or changed)")
+        if n not in files: raise ValueError(f"{what}: shard '{where}/{n}' is missing")
+        if files[n] != size:
+            raise ValueError(f"{what}: shard '{where}/{n}' has {files[n]} bytes, {size} were written (truncated or changed)")
 
 def load_shards(folder, # A folder `save_shards` wrote
                 model:nn.Module, # The model to load into (sharded or not, any number of processes)
                 opt=None, # Its optimizer, or None
-                grads=()): # Names of the parameters whose gradients were saved
+                grads=(), # Names of the parameters whose gradients were saved
+                storage=None): # The `CheckpointStorage` `folder` is a name of; None: a local path
     "Load a sharded checkpoint into `model` (and `opt`, and the gradients): resharded to this run's processes"
-    dist = torch.distributed
+    dist,sd_fns = torch.distributed,_sd()
+    where = Path(folder) if storage is None else storage.uri(folder)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         sd = shard_payload(model, opt)
         ps = dict(model.named_parameters())
         if grads: sd['grads'] = {n: torch.zeros_like(ps[n]) for n in grads}
-        dcp.load(sd, checkpoint_id=Path(folder), no_dist=not (dist.is_available() and dist.is_initialized()))
-        set_model_state_dict(model, sd['model'])
-        if opt is not None: set_optimizer_state_dict(model, opt, sd['opt'])
+        _dcp().load(sd, checkpoint_id=where, no_dist=not (dist.is_available() and dist.is_initialized()))
+        sd_fns.set_model_state_dict(model, sd['model'])
+        if opt is not None: sd_fns.set_optimizer_state_dict(model, opt, sd['opt'])
     for n,p in ps.items(): p.grad = sd['grads'][n] if n in sd.get('grads', {}) else None

@@ -81,7 +81,7 @@ def both(self):
     if self.learn.iter == 1: raise ValueError('bad batch everywhere')
 def caught_both(learn):
     import fastcb.distributed
-    fastcb.distributed._fail_wait = 20.  # how long a failed process waits for the others' failure: margin for a busy machine
+    fastcb.distributed.DDPStrategy.fail_wait = 20.  # how long a failed process waits for the others' failure: margin for a busy machine
     try: learn.get_preds(cbs=Callback(before_batch=both))
     except ValueError: pass
     R['after_caught_both'] = learn.validate()

@@ -3,7 +3,8 @@
 tensor's value on the host (`.item()`, `.cpu()`, `.tolist()`, `bool(t)`, `float(t)`...) is counted while a batch runs;
 on a CUDA machine, torch's own sync detector checks the same (`torch.cuda.set_sync_debug_mode('error')`);
 (b) `import fastcb.all` (and each fastcb module) imports only torch, fastcore and the standard library: no matplotlib,
-pandas, scikit-learn, scipy, nor a progress-bar or notebook library;
+pandas, scikit-learn, scipy, nor a progress-bar or notebook library; nor the parts of torch that only FSDP and sharded
+state need (`torch.distributed.tensor`, DCP, and sympy with them: about 700 modules and 1.5 s);
 (c) the default callbacks add at most one device op (an ATen op that is not a view: a kernel launch on a GPU) per
 training batch to a hand-written loop on the same model and batches, counted with a `TorchDispatchMode` on CPU."""
 import collections, copy, json, math, subprocess, sys, traceback
@@ -236,3 +237,14 @@ def test_each_module_is_lean():
     res = _imported_after(['import torch', *mods])
     bad = {k: v for k,v in res.items() if v and k != 'import torch'}
     assert not bad, f"modules that import heavy packages at import time (import them inside the functions): {bad}"
+
+_LAZY_TORCH = ['torch.distributed.tensor', 'torch.distributed.checkpoint', 'torch.distributed.fsdp', 'sympy']
+
+def test_import_all_leaves_sharding_unloaded():
+    "`DTensor`, DCP and FSDP (and sympy, which they import) are imported by the functions that use them"
+    code = (f"import sys, json, torch\nbefore = set(sys.modules)\nimport fastcb.all\n"
+            f"print(json.dumps([m for m in {_LAZY_TORCH!r} if m in sys.modules and m not in before]))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"`import fastcb.all` imported {loaded}: import them inside the functions that need them"

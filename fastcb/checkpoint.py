@@ -607,7 +607,7 @@ class CheckpointCallback(Callback):
         finite = state.pop('finite') if 'finite' in state else _finite_state(state['model'])
         name = f"checkpoint_{seq:06d}_{self.tag}_epoch{lp['epoch']}_{where}{'' if finite else '_nonfinite'}.pth"
         # a sharded model (FSDP): every process writes its shards now, together, into the folder beside the checkpoint
-        if 'write_shards' in state: state['shards'] = state.pop('write_shards')(st.uri(shards_name(name)))
+        if 'write_shards' in state: state['shards'] = state.pop('write_shards')(shards_name(name), st)
         state['run'] = self.run_info
         state['optional_cbs'] = [k for k,cb in cb_keys(self.learn.cbs) if getattr(cb, 'state_optional', False)]
         self._history.files[name] = self._history.stash(state, st, self.tag, seq, self.history_min)

@@ -223,7 +223,7 @@ class FSDPStrategy(DDPStrategy):
         payload = shard_payload(model, learn.opt, grads=state['grads'] is not None)
         state['finite'] = _all_finite(model, cb.group)
         for k in ('model', 'opt', 'grads'): state[k] = skeleton(state[k])
-        state['write_shards'] = lambda folder: save_shards(payload, folder, cb.group)
+        state['write_shards'] = lambda name, storage=None: save_shards(payload, name, cb.group, storage=storage)
         return state
 
 register_strategy('fsdp', FSDPStrategy)

@@ -61,9 +61,18 @@ class Dom(HTMLParser):
         if self._pre is not None: self._pre += data
         elif 'code' in self._stack: self.inline.append(data)
         else: self.prose.append(data)
+        if self._h is None and self._pre is None and data.strip(): self.blocks.append(('t', data))
 
     def heading(self, hid):
         return next((i for i, b in enumerate(self.blocks) if b[0] == 'h' and b[2] == hid), None)
+
+    def section(self, i):
+        "The blocks after heading `i`, up to the next heading of the same or a higher level"
+        res = []
+        for b in self.blocks[i+1:]:
+            if b[0] == 'h' and b[1] <= self.blocks[i][1]: break
+            res.append(b)
+        return res
 
     def section_code(self, i):
         "Text of the code blocks after heading `i`, up to the next heading of the same or a higher level"
@@ -243,3 +252,49 @@ def test_broken_link_is_reported(tmp_path):
     assert any(p.startswith('a.html: missing.html') for p in probs), probs
     assert any(p.startswith('a.html: figs/none.png') for p in probs), probs
     assert link_problems(tmp_path, 'b.html', doms['b.html'], doms) == []
+
+# ---------------------------------------------------------------- the Learner page as a reference
+LEARNER_API = ['Learner', 'fit', 'validate', 'get_preds', 'add_cb', 'remove_cb', 'one_batch', 'show_training_loop', 'save',
+               'load', 'freeze', 'unfreeze', 'predict', 'to']
+
+def reference_problems(dom, cls, names):
+    "What the page lacks for each of `names` (methods of `cls`, or `cls` itself): a section, a signature, its parameters"
+    from fastcore.docments import docments
+    res = []
+    for n in names:
+        f = cls if n == cls.__name__ else getattr(cls, n)
+        i = dom.heading(n.lower() if f is cls else f'{cls.__name__.lower()}.{n.lower()}')
+        if i is None: res.append(f'no reference section for {n}'); continue
+        code = re.sub(r'\[(`[^`]*`)\]\([^)]*\)', r'\1', dom.section_code(i))  # names nbdev linked: as written
+        if not re.search(rf'\b{re.escape(n)}\s*\(', code): res.append(f'the section of {n} shows no signature'); continue
+        docs = docments(f.__init__ if f is cls else f)
+        for p,doc in docs.items():
+            if p in ('self', 'return'): continue
+            if not re.search(rf'\b{p}\b', code): res.append(f'{n}: parameter {p} is not in the signature shown')
+            elif doc and doc not in code and doc not in ''.join(dom.prose): res.append(f'{n}: parameter {p} is shown without its doc {doc!r}')
+    return res
+
+def empty_sections(dom):
+    "Headings followed by nothing before the next heading of the same or a higher level"
+    return [b[4].strip() for i,b in enumerate(dom.blocks) if b[0] == 'h' and not dom.section(i)]
+
+def test_learner_page_is_a_reference(site):
+    "The Learner page documents the class and its main methods with signature and parameters, and has no empty section"
+    from fastcb.learner import Learner
+    page = 'learner.html'
+    assert page in site['doms'], site['failed'].get(page, 'no learner page')
+    dom = site['doms'][page]
+    probs = reference_problems(dom, Learner, LEARNER_API) + [f'empty section {h!r}' for h in empty_sections(dom)]
+    assert not probs, f'{page}: ' + '; '.join(probs)
+
+def test_reference_check_sees_gaps():
+    "The check itself: a method without a section, a parameter left out, and an empty section are reported"
+    class A:
+        def f(self, x:int, # The x
+              y=2): # The y
+            "Do f"
+    dom = Dom('<html><body><h2 id="s">S</h2><h3 id="a.f">A.f</h3><pre>f(x:int, # The x\n)</pre>'
+              '<h2 id="empty">Empty</h2><h2 id="end">End</h2><p>text</p></body></html>')
+    assert reference_problems(dom, A, ['f']) == ['f: parameter y is not in the signature shown']
+    assert reference_problems(dom, A, ['g']) if hasattr(A, 'g') else True
+    assert empty_sections(dom) == ['Empty']

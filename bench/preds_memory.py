@@ -6,16 +6,34 @@ resident set size is reset (`/proc/self/clear_refs`), and the peak during the ca
 "Extra" is that peak minus the resident size just before the call: what the call itself needed, result included.
 tracemalloc is not used: it does not see torch's allocations.
 
-Each case is repeated `--repeat` times (a fresh process each); the table shows the medians.
-Usage: python bench/preds_memory.py [--n 50000] [--d 1000] [--bs 500] [--repeat 3] [--cases fastcb,torch]    (Linux; CPU)
+Each case is repeated `--repeat` times, a fresh process each: the table shows the medians and, for the peak, the
+lowest and highest run. The spread matters: on the CPU the small tensors of a batch and its large temporaries (the
+model's output, the loss's) share glibc's heap, and whether a freed temporary's hole is reused or left behind
+depends on the heap's layout, which differs from process to process. A case that stays low in one process and
+reaches 2x in another is flagged below the table; `--runs` prints every run. "heap holes" is how much the free
+space inside glibc's heap grew from just before the call to just after it (`mallinfo2().fordblks`): memory the process
+keeps resident but no longer uses, the mark of that fragmentation (holes given back to the system as the call ends are
+not counted; blank where glibc's `mallinfo2` is not available).
+Usage: python bench/preds_memory.py [--n 50000] [--d 1000] [--bs 500] [--repeat 5] [--cases fastcb,torch] [--runs]
+(Linux; CPU)
 """
-import argparse, gc, json, os, statistics, subprocess, sys, tempfile, threading, time
+import argparse, ctypes, gc, json, os, statistics, subprocess, sys, tempfile, threading, time
 
 def _status(key):
     with open('/proc/self/status') as f:
         for line in f:
             if line.startswith(key + ':'): return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+def _heap_free():
+    "Free bytes inside glibc's heap (`mallinfo2().fordblks`), or None where that is not available"
+    try: f = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError): return None
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]
+    f.restype = MallInfo2
+    return f().fordblks
 
 class PeakRSS:
     "Peak resident memory of this process while the `with` block runs, minus the resident memory at its start"
@@ -25,7 +43,7 @@ class PeakRSS:
             with open('/proc/self/clear_refs', 'w') as f: f.write('5')  # reset VmHWM to the current RSS
             self.hwm = _status('VmHWM') <= _status('VmRSS') + (1 << 20)
         except OSError: self.hwm = False
-        self.base, self.peak, self._stop = _status('VmRSS'), 0, False
+        self.base, self.peak, self._stop, self.heap0 = _status('VmRSS'), 0, False, _heap_free()
         def _sample():
             while not self._stop:
                 self.peak = max(self.peak, _status('VmRSS')); time.sleep(0.001)
@@ -37,6 +55,8 @@ class PeakRSS:
         self._stop = True; self._t.join()
         self.peak = max(self.peak, _status('VmHWM') if self.hwm else _status('VmRSS'))
         self.extra = self.peak - self.base
+        h = _heap_free()
+        self.holes = None if h is None or self.heap0 is None else h - self.heap0
 
 def _data(n, d, bs, shuffle=False, drop_last=False):
     import torch
@@ -94,7 +114,7 @@ def case(name, n, d, bs):
     assert preds.shape == (n, d), preds.shape
     with torch.no_grad(): ref = model(x[:5])
     assert torch.allclose(preds[:5], ref, atol=1e-5, rtol=1e-4), 'not in dataset order'
-    res.update(extra=m.extra, time=m.time, method='VmHWM' if m.hwm else 'RSS sampling')
+    res.update(extra=m.extra, time=m.time, holes=m.holes, method='VmHWM' if m.hwm else 'RSS sampling')
     return res
 
 CASES = ['torch preallocated', 'torch list + cat', 'fastcb get_preds', 'fastcb get_preds shuffled',
@@ -104,8 +124,9 @@ CASES = ['torch preallocated', 'torch list + cat', 'fastcb get_preds', 'fastcb g
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--n', type=int, default=50_000); p.add_argument('--d', type=int, default=1_000)
-    p.add_argument('--bs', type=int, default=500); p.add_argument('--repeat', type=int, default=3)
+    p.add_argument('--bs', type=int, default=500); p.add_argument('--repeat', type=int, default=5)
     p.add_argument('--cases', default=None, help='comma-separated substrings: run only the matching cases')
+    p.add_argument('--runs', action='store_true', help='print the peak of every run, not only the median and range')
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one is not None:
@@ -117,7 +138,8 @@ def main():
     size = a.n * a.d * 4
     print(f"get_preds over {a.n:,} x {a.d:,} float32 predictions = {size/2**20:.0f} MiB, batch size {a.bs}, "
           f"{os.cpu_count()} CPU(s), torch {__import__('torch').__version__}\n")
-    print(f"{'case':48} {'peak extra MiB':>14} {'x preds':>8} {'time s':>7}  method (median of {a.repeat} runs)")
+    print(f"{'case':48} {'peak extra MiB':>14} {'x preds':>8} {'min-max':>11} {'heap holes MiB':>14} {'time s':>7}"
+          f"  method (medians of {a.repeat} fresh processes)")
     notes = []
     cases = [c for c in CASES if a.cases is None or any(k.strip() in c for k in a.cases.split(','))]
     for c in cases:
@@ -133,8 +155,18 @@ def main():
             runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         if r.returncode:
             print(f"{c:48} failed (see below)"); notes.append(f"{c}: {r.stderr.strip().splitlines()[-1]}"); continue
+        xs = [o['extra']/size for o in runs]
         extra,t = statistics.median(o['extra'] for o in runs),statistics.median(o['time'] for o in runs)
-        print(f"{c:48} {extra/2**20:14.0f} {extra/size:8.2f} {t:7.2f}  {runs[0]['method']}")
+        hs = [o['holes'] for o in runs if o.get('holes') is not None]
+        holes = f"{statistics.median(hs)/2**20:.0f}" if hs else ''
+        rng = f'{min(xs):.2f}-{max(xs):.2f}'
+        print(f"{c:48} {extra/2**20:14.0f} {extra/size:8.2f} {rng:>11} {holes:>14} {t:7.2f}  {runs[0]['method']}")
+        if a.runs: print(f"{'':48} runs: {' '.join(f'{x:.2f}' for x in xs)}" +
+                         (f"; heap holes MiB: {' '.join(f'{h/2**20:.0f}' for h in hs)}" if hs else ''))
+        if max(xs) - min(xs) > 0.1:
+            notes.append(f"{c}: the peak varies between processes, {min(xs):.2f}x to {max(xs):.2f}x the predictions "
+                         f"({sum(x > min(xs) + 0.1 for x in xs)} of {len(xs)} runs above {min(xs) + 0.1:.2f}x)")
+    if notes: print()
     for n in notes: print(n)
     if not has_fastai: print("\nfastai is not installed here: `pip install fastai` and rerun to compare side by side.")
 

@@ -248,7 +248,7 @@ class Learner:
             fire = partial(run_cbs, e, pairs) if pairs or around is not None else None
             setattr(ev, e, fire if around is None else partial(around, fire))
         ev.copy_loss = bool(ev.after_loss or ev.before_backward)  # where a callback may change `loss_grad` in place
-        dev = self.dls.device
+        dev = torch.device(self.dls.device)
         ev.device = torch.device('cuda', torch.cuda.current_device()) if dev.type == 'cuda' and dev.index is None else dev
         return ev
 
@@ -321,7 +321,7 @@ class Learner:
     def one_batch(self, i:int, # Index of the batch in `self.dl`
                   b): # The batch, as drawn from the loader
         "Train or evaluate `self.model` on batch `b`: forward, loss, backward and step, between the batch events"
-        if self._batch_events is None: self._batch_events = self._phase_events()  # called outside a loop
+        if not self.depth: self._batch_events = self._phase_events()  # called outside a run: this call's table
         ev = self._batch_events
         self.iter,self.pred,self.loss_grad,self.loss,self.backward_ran = i,None,None,None,False
         kw = self._split(b)
@@ -434,7 +434,8 @@ class Learner:
             if self.depth == 1: self._after_exception(e)
             raise
         finally:
-            self.fitting,self.depth,self._batch_events = prev,self.depth-1,batch_events
+            self.fitting,self.depth = prev,self.depth-1
+            self._batch_events = batch_events if self.depth else None  # a nested run gives the outer phase its table
             if self.depth == 0:  # a nested validate/get_preds does not re-enable what the outer fit switched off
                 for cb in self.cbs: cb.run = True
                 self.logger = logger  # callbacks that chain loggers (progress bar, CSV) can't leave theirs behind
@@ -644,6 +645,8 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
         dls = [*self.dls, dl]  # iterating a loader draws from the random generators: leave them as they were
         stack.callback(set_rng_state, rng_state(dls), dls)
         stack.enter_context(self.no_logging())
+        # the epoch's bookkeeping (`Recorder`, trackers, loggers: `remove_on_fetch`) has nothing to do with predictions
+        stack.enter_context(self.removed_cbs([c for c in self.cbs if c.remove_on_fetch]))
         stack.enter_context(self.added_cbs([*L(cbs), cb]))
         if with_loss: stack.enter_context(self.loss_not_reduced())
         if inner: self._validate_inner(dl)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_preds.ipynb #9c0f4e2c
 from __future__ import annotations
-import inspect, json, math, mmap, re
+import inspect, json, re
 from collections.abc import Mapping
 from contextlib import ExitStack
 from functools import partial
@@ -22,14 +22,6 @@ __all__ = ['ordered_dl', 'GatherPredsCallback', 'check_reducible', 'load_preds',
 
 # %% ../nbs/05_preds.ipynb #22bb969b
 class _Mismatch(Exception): pass
-
-def _cpu_empty(shape, # The shape of the tensor
-               dtype): # Its dtype
-    "An uninitialised CPU tensor in an anonymous memory map of its own, off the heap where per-batch tensors churn"
-    n = math.prod(shape)
-    if n == 0: return torch.empty(shape, dtype=dtype)
-    flags = {'flags': mmap.MAP_PRIVATE} if hasattr(mmap, 'MAP_PRIVATE') else {}  # shared by default on Unix
-    return torch.frombuffer(mmap.mmap(-1, n*dtype.itemsize, **flags), dtype=dtype, count=n).view(shape)
 
 def _check_rank(t, dim, what, i):
     "Raise when `dim` is not a dimension of tensor `t` (the `i`-th batch of `what`)"
@@ -51,7 +43,7 @@ class _Leaf:
         k = t.shape[self.d]
         cap = n_items if n_items is not None and k == first_bs else k*(n_batches or 1)
         self.shape = list(t.shape)
-        self.buf = _cpu_empty(self.shape[:self.d] + [max(cap, k)] + self.shape[self.d+1:], t.dtype)
+        self.buf = torch.empty(self.shape[:self.d] + [max(cap, k)] + self.shape[self.d+1:], dtype=t.dtype)
 
     def add(self, t, i):
         if not isinstance(t, torch.Tensor): raise _Mismatch()
@@ -60,7 +52,7 @@ class _Leaf:
         d = self.d
         if t.ndim != len(self.shape) or t.shape[:d] != self.buf.shape[:d] or t.shape[d+1:] != self.buf.shape[d+1:]:
             raise _Mismatch()
-        if t.dtype != self.buf.dtype: self._promote(t.dtype)
+        if t.dtype != self.buf.dtype: self.buf = self.buf.to(torch.promote_types(self.buf.dtype, t.dtype))
         k = t.shape[d]; end = self.n + k
         if end > self.buf.shape[d]: self._grow(end)
         self.buf.narrow(d, self.n, k).copy_(t)
@@ -70,14 +62,8 @@ class _Leaf:
         "Reallocate the buffer to at least 1.5 times its size (amortised O(1) copies per item)"
         d,old = self.d,self.buf
         shape = list(old.shape); shape[d] = max(end, int(old.shape[d]*1.5) + 1)
-        self.buf = _cpu_empty(shape, old.dtype)
+        self.buf = torch.empty(shape, dtype=old.dtype)
         self.buf.narrow(d, 0, self.n).copy_(old.narrow(d, 0, self.n))
-
-    def _promote(self, dtype):
-        "Reallocate the buffer with the dtype that holds both its values and `dtype`'s"
-        old = self.buf
-        self.buf = _cpu_empty(list(old.shape), torch.promote_types(old.dtype, dtype))
-        self.buf.narrow(self.d, 0, self.n).copy_(old.narrow(self.d, 0, self.n))
 
     def result(self):
         if self.buf is None: return None

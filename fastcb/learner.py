@@ -638,15 +638,13 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
     if with_loss: check_reducible(self.loss_func)
     dec_is_pred = with_decoded and decodes is None and with_preds
     cb = GatherPredsCallback(with_input=with_input, with_loss=with_loss, save_preds=save_preds, save_targs=save_targs,
-                             with_preds=with_preds, with_targs=with_targs, concat_dim=concat_dim,
-                             pickle_protocol=pickle_protocol, act=act, decodes=decodes,
-                             with_decoded=with_decoded and not dec_is_pred)
+                             with_preds=with_preds, with_targs=with_targs, concat_dim=concat_dim, act=act, decodes=decodes,
+                             pickle_protocol=pickle_protocol, with_decoded=with_decoded and not dec_is_pred)
     with ExitStack() as stack:
         dls = [*self.dls, dl]  # iterating a loader draws from the random generators: leave them as they were
         stack.callback(set_rng_state, rng_state(dls), dls)
         stack.enter_context(self.no_logging())
-        # the epoch's bookkeeping (`Recorder`, trackers, loggers: `remove_on_fetch`) has nothing to do with predictions
-        stack.enter_context(self.removed_cbs([c for c in self.cbs if c.remove_on_fetch]))
+        stack.enter_context(self.removed_cbs([c for c in self.cbs if c.remove_on_fetch]))  # the epoch's books: see below
         stack.enter_context(self.added_cbs([*L(cbs), cb]))
         if with_loss: stack.enter_context(self.loss_not_reduced())
         if inner: self._validate_inner(dl)

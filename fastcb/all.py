@@ -31,4 +31,28 @@ from .profile import *
 from .summary import *
 
 _modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary]
-__all__ = list(dict.fromkeys(n for m in _modules for n in m.__all__))
+# The building blocks of the library's own modules stay in those modules (`from fastcb.comm import sync`): a notebook
+# that runs `from fastcb.all import *` gets the names a user writes, not generic ones like `sync`, `whole` or `minimum`.
+_building_blocks = {
+    fastcb.core: 'inner_events suggest_event add_note defines run_cbs sort_cbs mk_cbs',
+    fastcb.data: 'tree_tensors remake tree_map shapes len_or_none check_dl is_plain',
+    fastcb.sharded: '*', fastcb.resume: '*', fastcb.inference: '*', fastcb.shard: '*',
+    fastcb.recorder: 'format_time format_value unique_names import_matplotlib',
+    fastcb.optim: 'norm_params no_decay_params make_opt split_no_decay group_values check_hyper set_group_hyper freeze_groups',
+    fastcb.checkpoint: ('loader_generators rng_state set_rng_state clean_stale_tmp atomic_save model_state load_model_state '
+                        'check_state_dict opt_info check_opt_state shards_name cb_keys checkpoint_names checkpoint_run '
+                        'checkpoint_state cb_settings opt_hypers run_identity run_fingerprint seal check_seal put_at'),
+    fastcb.preds: 'ordered_dl check_reducible',
+    fastcb.strategy: 'strategy_registry',
+    fastcb.schedule: 'valley slide minimum steep',
+    fastcb.comm: '* -CommunicationError -OutOfStepError',
+    fastcb.distributed: 'distrib_strategies distrib_strategy',
+    fastcb.fsdp: 'wrap_modules shard_model reshard',
+}
+def _kept_in_module(m):
+    "The names of module `m` that `fastcb.all` does not export"
+    spec = _building_blocks.get(m, '').split()
+    if '*' not in spec: return set(spec)
+    return set(m.__all__) - {n[1:] for n in spec if n.startswith('-')}
+_internal = set().union(*(_kept_in_module(m) for m in _modules))
+__all__ = [n for n in dict.fromkeys(n for m in _modules for n in m.__all__) if n not in _internal]

@@ -615,9 +615,9 @@ def validate(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (1: vali
 def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: training, 1: validation), if `dl` is None
               dl=None, # A loader to predict on instead
               with_input:bool=False, # Return the inputs
-              with_decoded:bool=False, # Return the decoded predictions (`loss_func.decodes`)
+              with_decoded:bool=False, # Return the decoded predictions (see `loss_decodes`)
               with_loss:bool=False, # Return the loss of each item
-              act=None, # Activation applied to the predictions; default `loss_func.activation` if it has one
+              act=None, # Activation applied to the predictions; default `loss_func.activation` (`loss_activation` with `with_decoded`)
               inner:bool=False, # Called inside a training loop: fire only the validate events
               reorder:bool=True, # Every item once in dataset order; False: the loader's own order and `drop_last`
               cbs=None, # Callbacks added for this call only
@@ -631,9 +631,9 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
     dl = self._eval_dl(ds_idx, dl)
     if reorder: dl = ordered_dl(dl)
     check_dl(dl, 'prediction')
-    if act is None: act = getattr(self.loss_func, 'activation', None)
+    if act is None: act = loss_activation(self.loss_func) if with_decoded else getattr(self.loss_func, 'activation', None)
     if act is not None and not callable(act): raise TypeError(f"act must be a function applied to the predictions, got {act!r}")
-    decodes = getattr(self.loss_func, 'decodes', None) if with_decoded else None
+    decodes = loss_decodes(self.loss_func) if with_decoded else None
     if with_loss and self.loss_func is None: raise ValueError("with_loss=True needs a loss_func that gives one loss per item")
     if with_loss: check_reducible(self.loss_func)
     dec_is_pred = with_decoded and decodes is None and with_preds
@@ -702,7 +702,7 @@ def load(self:Learner, file, # As in `save`
 @patch
 def predict(self:Learner, item, # One item: a tensor (one input), a tuple as the dataset gives it, or a dict (a mapping batch)
             dl=None, # The loader whose `collate_fn` batches `item`; default: `dls.valid`, or `dls.train` when there is none
-            act=None): # As in `get_preds`: default `loss_func.activation` when it has one
+            act=None): # As in `get_preds`: default `loss_activation(loss_func)`
     "Prediction on one `item`: `(decoded, pred)`, without the batch dimension"
     if dl is None: dl = self.dls[1] if len(self.dls) > 1 else self.dls[0]
     b = (getattr(dl, 'collate_fn', None) or default_collate)([item])

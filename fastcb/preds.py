@@ -18,7 +18,8 @@ from .core import *
 from .data import *
 
 # %% auto #0
-__all__ = ['ordered_dl', 'GatherPredsCallback', 'check_reducible', 'load_preds', 'FetchPredsCallback']
+__all__ = ['ordered_dl', 'GatherPredsCallback', 'check_reducible', 'loss_activation', 'loss_decodes', 'load_preds',
+           'FetchPredsCallback']
 
 # %% ../nbs/05_preds.ipynb #22bb969b
 class _Mismatch(Exception): pass
@@ -316,6 +317,39 @@ def check_reducible(lf):
     raise TypeError(f"with_loss=True needs per-item losses, but loss_func {getattr(f, '__name__', type(f).__name__)} has "
                     f"neither a `reduction` attribute nor a `reduction` argument; add one (reduction='none' -> one loss "
                     f"per item)")
+
+# %% ../nbs/05_preds.ipynb #5e1a0c02
+def _unwrap(f):
+    "The function a `functools.partial` (possibly nested) wraps"
+    while isinstance(f, partial): f = f.func
+    return f
+
+def _is_loss(f, classes, funcs):
+    return isinstance(f, classes) or any(f is g for g in funcs)
+
+_F = torch.nn.functional
+def loss_activation(loss_func): # A loss: a module, a function, or a `partial` of one
+    "What makes the model's output a prediction: `loss_func.activation`, else that of torch's standard loss, else None"
+    act = getattr(loss_func, 'activation', None)
+    if act is not None: return act
+    f,nn = _unwrap(loss_func),torch.nn
+    if _is_loss(f, nn.CrossEntropyLoss, [_F.cross_entropy]): return partial(torch.softmax, dim=1)
+    if _is_loss(f, (nn.BCEWithLogitsLoss, nn.MultiLabelSoftMarginLoss),
+                [_F.binary_cross_entropy_with_logits, _F.multilabel_soft_margin_loss]): return torch.sigmoid
+    if _is_loss(f, nn.NLLLoss, [_F.nll_loss]): return torch.exp
+    return None  # regression and other losses: the output as it is
+
+def loss_decodes(loss_func, # As in `loss_activation`
+                 threshold:float=0.5): # Probability above which a binary or multi-label output is positive
+    "What makes an (activated) prediction a decision: `loss_func.decodes`, else the class (argmax) or `p > threshold`"
+    dec = getattr(loss_func, 'decodes', None)
+    if dec is not None: return dec
+    f,nn = _unwrap(loss_func),torch.nn
+    if _is_loss(f, (nn.CrossEntropyLoss, nn.NLLLoss), [_F.cross_entropy, _F.nll_loss]): return partial(torch.argmax, dim=1)
+    if _is_loss(f, (nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss),
+                [_F.binary_cross_entropy_with_logits, _F.binary_cross_entropy, _F.multilabel_soft_margin_loss]):
+        return partial(torch.gt, other=threshold)
+    return None
 
 # %% ../nbs/05_preds.ipynb #cca56d37
 def _read_manifest(meta_f):

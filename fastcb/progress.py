@@ -8,7 +8,7 @@ import html, io, shutil, sys, time
 from contextlib import contextmanager
 from fastcore.basics import noop, patch, store_attr
 from .core import *
-from .recorder import format_time, format_value
+from .recorder import format_time, format_value, import_matplotlib
 from .learner import *
 
 # %% auto #0
@@ -164,7 +164,14 @@ class ProgressCallback(Callback):
         self._t_fit = self.clock()
         self._last = self._t_fit - self._every if self.view.live else self._t_fit
         self._fitting,self._epoch,self._phase,self._n,self._t0,self._shown_loss = fitting,0,'',0,self._t_fit,None
-        self._names = None
+        self._names,self._named = None,(self._named_run() if fitting else None)
+
+    def _named_run(self):
+        "`(progress_label, progress_total)` of the first callback of the learner that names its fit, else `None`"
+        for cb in self.learn.cbs:
+            label = getattr(cb, 'progress_label', None)
+            if label: return label,getattr(cb, 'progress_total', None)
+        return None
 
     def _take_logger(self):
         "Become `learn.logger`, keeping the one it replaces in `old_logger`, and show the table header"
@@ -182,24 +189,32 @@ class ProgressCallback(Callback):
     def before_validate(self): self._launch('valid')
 
     def _launch(self, phase):
-        self._phase,self._t0 = phase,self.clock()
-        try: self._n = len(self.learn.dl)
-        except TypeError: self._n = None
-        if self._t0 - self._last >= self._every: self._draw(0, self._t0)
+        t = self.clock()
+        if self._named is None:
+            self._phase,self._t0 = phase,t
+            try: self._n = len(self.learn.dl)
+            except TypeError: self._n = None
+        else: self._phase,self._n = 'train',self._named[1]  # a named run: one bar over all its training batches
+        if t - self._last >= self._every: self._draw(self._i(0), t)
+
+    def _i(self, i):
+        "The batch the bar shows: `i` in the current phase, or the training batches so far in a named run"
+        return i if self._named is None else self.learn.train_iter
 
     def after_batch(self):
         "Redraw the bar when `refresh` seconds have passed (the only per-batch work: one clock read)"
         if not self._active: return  # a `one_batch` outside a fit: no bar to draw
         t = self.clock()
-        if t - self._last >= self._every: self._draw(self.learn.iter+1, t)
+        if t - self._last >= self._every: self._draw(self._i(self.learn.iter+1), t)
 
     def _draw(self, i, t):
         self._last = t
         if self._phase == 'train' and i > 0:
             sl = getattr(self.learn, 'smooth_loss', None)  # set by the Recorder at every training batch
             if sl is not None: self._shown_loss = float(sl)  # the only read of the loss: at most once per `refresh`
-        master = (self._epoch, self.learn.n_epoch, t - self._t_fit) if self._fitting else None
-        self.view.draw(master, (self._phase, i, self._n, t - self._t0, self._shown_loss))
+        named = self._named is not None
+        master = (self._epoch, self.learn.n_epoch, t - self._t_fit) if self._fitting and not named else None
+        self.view.draw(master, (self._named[0] if named else self._phase, i, self._n, t - self._t0, self._shown_loss))
 
     def _log(self, row):
         "The learner's `logger` during a fit: one row of the table, then `old_logger` (unless it is `learn.print_row`)"
@@ -226,8 +241,10 @@ class ProgressCallback(Callback):
         "Same as `after_fit`, saying where the fit stopped"
         if not self._active: return  # the error came before our `before_fit` ran
         learn,e = self.learn,self.learn.exception
-        where = f'epoch {self._epoch+1}/{learn.n_epoch} ' if self._fitting else ''
         n = self._n if self._n is not None else '?'
+        if self._named is not None:
+            return self._close(f'interrupted by {type(e).__name__} in {self._named[0]} after {learn.train_iter}/{n} batches')
+        where = f'epoch {self._epoch+1}/{learn.n_epoch} ' if self._fitting else ''
         self._close(f'interrupted by {type(e).__name__} in {where}{self._phase} at batch {learn.iter+1}/{n}'
                     if self._phase else f'interrupted by {type(e).__name__}')
 
@@ -265,7 +282,7 @@ class ShowGraphCallback(Callback):
 
     def after_epoch(self):
         "Redraw the losses (one read of the recorded losses per epoch)"
-        from matplotlib.figure import Figure
+        Figure = import_matplotlib('ShowGraphCallback', 'matplotlib.figure').Figure
         learn = self.learn; rec = learn.recorder
         losses = rec.losses
         if self.fig is None: self.fig = Figure(figsize=(6, 4)); self.ax = self.fig.add_subplot()

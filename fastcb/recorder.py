@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_recorder.ipynb #f8f20a0d
 from __future__ import annotations
-import time
+import importlib, time
 from functools import partial
 import torch
 from fastcore.basics import store_attr, camel2snake, class2attr
@@ -13,7 +13,7 @@ from .data import *
 
 # %% auto #0
 __all__ = ['Metric', 'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'mk_metric', 'TorchMetric', 'format_time', 'format_value',
-           'unique_names', 'Recorder']
+           'unique_names', 'import_matplotlib', 'Recorder']
 
 # %% ../nbs/02_recorder.ipynb #310b74f7
 def _maybe_item(v):
@@ -233,6 +233,14 @@ def unique_names(names:list):
         res.append(n if seen[n] == 1 else f'{n}_{seen[n]}')
     return res
 
+# %% ../nbs/02_recorder.ipynb #0e6cae10
+def import_matplotlib(what:str, # What needs it, named in the error: 'Recorder.plot_loss'
+                      mod:str='matplotlib.pyplot'): # The module to import: 'matplotlib.pyplot', 'matplotlib.figure'...
+    "Import and return `mod`, a part of matplotlib, or raise an `ImportError` that says to `pip install matplotlib`"
+    try: return importlib.import_module(mod)
+    except ImportError as e:
+        raise ImportError(f"{what} needs matplotlib, which could not be imported ({e}): pip install matplotlib") from e
+
 # %% ../nbs/02_recorder.ipynb #fec4c67a
 class Recorder(Callback):
     "Callback that registers statistics (lr, loss and metrics) during training"
@@ -342,7 +350,7 @@ class Recorder(Callback):
     def plot_loss(self, skip_start:int=5, # Number of first batches to skip
                   with_valid:bool=True): # Also plot the validation loss at the end of each epoch
         "Plot the losses from `skip_start` and onward"
-        import matplotlib.pyplot as plt
+        plt = import_matplotlib('Recorder.plot_loss')
         fig,ax = plt.subplots()
         losses = self.losses
         ax.plot(list(range(skip_start, len(losses))), losses[skip_start:], label='train')

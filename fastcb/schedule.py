@@ -14,6 +14,7 @@ from .core import *
 from .data import check_dl, len_or_none
 from .learner import *
 from .optim import check_hyper
+from .recorder import import_matplotlib
 
 # %% auto #0
 __all__ = ['SchedLin', 'SchedCos', 'SchedNo', 'SchedExp', 'SchedPoly', 'combine_scheds', 'combined_cos', 'ParamScheduler',
@@ -266,7 +267,7 @@ def fine_tune(self:Learner, epochs:int, # Epochs of training the whole model, af
 def plot_sched(self:Recorder, keys=None, # Names of the hyper-parameters to plot (default: all recorded ones)
                figsize=None): # Size of the figure
     "Plot the scheduled hyper-parameters recorded during the last `fit`"
-    import matplotlib.pyplot as plt
+    plt = import_matplotlib('Recorder.plot_sched')
     hps = getattr(self, 'hps', None) or {}
     keys = list(hps) if keys is None else list(L(keys))
     if not keys: raise ValueError("No schedule was recorded: train with fit_one_cycle or a ParamScheduler first")
@@ -298,6 +299,7 @@ def _restore(learn, st):
 class LRFinder(ParamScheduler):
     "Training with exponentially growing learning rate"
     agree_cancels = True  # it stops when *this rank's* loss diverges: under DDP the ranks agree to stop together
+    progress_label = 'lr_find'  # the progress bar shows `lr_find 37/100` (batches of `progress_total`), no epochs
     def __init__(self, start_lr=1e-7, # First learning rate (a number, or one per parameter group)
                  end_lr=10, # Last learning rate
                  num_it:int=100, # Number of batches
@@ -306,6 +308,7 @@ class LRFinder(ParamScheduler):
         if not isinstance(num_it, int) or num_it < 1: raise ValueError(f"num_it must be an int >= 1, got {num_it!r}")
         super().__init__({'lr': SchedExp(start_lr, end_lr)})
         self.num_it,self.stop_div,self.restore,self._state = max(num_it, 6),stop_div,restore,None
+        self.progress_total = self.num_it
 
     def before_fit(self):
         "Start the records, keep a copy of the model and optimizer"
@@ -390,7 +393,7 @@ def plot_lr_find(self:Recorder, skip_end:int=5, # Number of last points to leave
                  suggestions=None, # `(lr, loss)` points to mark
                  nms=None): # Their names
     "Plot the result of an LR Finder test (won't work if you didn't do `learn.lr_find()` before)"
-    import matplotlib.pyplot as plt
+    plt = import_matplotlib('Recorder.plot_lr_find')
     lrs = self.lrs if skip_end == 0 else self.lrs[:-skip_end]
     losses = self.losses if skip_end == 0 else self.losses[:-skip_end]
     fig,ax = plt.subplots(1, 1)
@@ -418,6 +421,7 @@ def lr_find(self:Learner, start_lr=1e-7, # First learning rate
         suggest_funcs = L(suggest_funcs)
         for f in suggest_funcs:
             if not callable(f): raise TypeError(f"suggest_funcs must be functions like valley or steep, got {f!r}")
+    if show_plot: import_matplotlib('lr_find (or lr_find(show_plot=False))')  # before the search, not after it
     n_epoch = cb.num_it//len(self.dls.train) + 1
     state = _snapshot(self)
     try:

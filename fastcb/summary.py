@@ -4,6 +4,7 @@
 
 # %% ../nbs/19_summary.ipynb #74f2e695
 from __future__ import annotations
+import html
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -13,7 +14,7 @@ from .checkpoint import rng_state, set_rng_state
 from .learner import *
 
 # %% auto #0
-__all__ = []
+__all__ = ['LearnerSummary']
 
 # %% ../nbs/19_summary.ipynb #dedef4ce
 def _shape_str(o):
@@ -44,18 +45,45 @@ def _trace(learn):
     return (inp[0] if inp else '-'),rows
 
 # %% ../nbs/19_summary.ipynb #36a2d4b8
-def _table(rows):
-    "The layer table: one line per call of a listed module"
-    head,seen,lines = f"{'Layer (type)':<24} {'Output Shape':<24} {'Param #':>10}  Trainable",set(),[]
-    for m,shape in rows:
+_COLS = ('Layer (type)', 'Output Shape', 'Param #', 'Trainable')
+
+def _rows(calls):
+    "The cells of the layer table: one row per call of a listed module, its parameters counted in its first row"
+    seen,res = set(),[]
+    for m,shape in calls:
         ps = list(m.parameters(recurse=not list(m.children())))
         first = id(m) not in seen; seen.add(id(m))
         n = f'{sum(p.numel() for p in ps):,}' if first else ''
         tr = (str(all(p.requires_grad for p in ps)) if ps else '-') if first else ''
-        lines.append(f'{type(m).__name__:<24} {shape:<24} {n:>10}  {tr}')
-    bar = '=' * len(head)
-    return [bar, head, bar, *lines, bar]
+        res.append((type(m).__name__, shape, n, tr))
+    return res
 
+def _text_table(rows):
+    "The layer table as lines of text between `=` rules"
+    fmt = lambda r: f'{r[0]:<24} {r[1]:<24} {r[2]:>10}  {r[3]}'.rstrip()
+    head = fmt(_COLS); bar = '=' * len(head)
+    return [bar, head, bar, *map(fmt, rows), bar]
+
+class LearnerSummary(str):
+    "The text of `learn.summary()`, shown once: an HTML table in Jupyter, the text table at a prompt"
+    def __new__(cls, title:str, # First line: the model and its input shape
+                rows:list, # `(layer type, output shape, param #, trainable)` per call of a layer
+                notes:list): # The lines after the table: totals, optimizer, loss, callbacks
+        self = super().__new__(cls, '\n'.join([title, *_text_table(rows), *notes]))
+        self.title,self.rows,self.notes = title,list(rows),list(notes)
+        return self
+    def __repr__(self): return str.__str__(self)
+    def _repr_pretty_(self, p, cycle): p.text(str.__str__(self))
+    def _repr_html_(self):
+        "The layer table as HTML, between the title and the notes"
+        e = html.escape
+        th = ''.join(f'<th>{e(c)}</th>' for c in _COLS)
+        trs = ''.join('<tr>' + ''.join(f'<td>{e(c)}</td>' for c in r) + '</tr>' for r in self.rows)
+        notes = '\n'.join(self.notes).strip('\n')
+        return (f'<p>{e(self.title)}</p><table class="dataframe" border="1"><thead><tr>{th}</tr></thead>'
+                f'<tbody>{trs}</tbody></table><pre>{e(notes)}</pre>')
+
+# %% ../nbs/19_summary.ipynb #72d55eb8
 def _opt_line(learn):
     if learn.opt is None: return f'Optimizer used: {getattr(learn.opt_func, "__name__", learn.opt_func)!s} (created at the first fit)'
     pg = learn.opt.param_groups
@@ -63,16 +91,13 @@ def _opt_line(learn):
 
 @patch
 def summary(self:Learner):
-    "Print and return the layers with their output shapes (from one training batch), the parameter counts, the optimizer and the callbacks"
-    inp,rows = _trace(self)
+    "The layers with their output shapes (from one training batch), the parameter counts, the optimizer and the callbacks"
+    inp,calls = _trace(self)
     ps = list(self.model.parameters())
     total,trainable = sum(p.numel() for p in ps),sum(p.numel() for p in ps if p.requires_grad)
     n_frozen = sum(not p.requires_grad for p in ps)
-    lines = [f'{type(self.model).__name__} (Input shape: {inp})', *_table(rows),
-             f'Total params: {total:,}', f'Total trainable params: {trainable:,}', f'Total non-trainable params: {total-trainable:,}', '',
+    notes = [f'Total params: {total:,}', f'Total trainable params: {trainable:,}', f'Total non-trainable params: {total-trainable:,}', '',
              _opt_line(self), f'Loss function: {self.loss_func!r}',
              f'Model frozen: {n_frozen} of {len(ps)} parameter tensors do not train' if n_frozen else 'Model unfrozen', '',
              'Callbacks:', *(f'  - {type(cb).__name__}' for cb in sort_cbs(list(self.cbs)))]
-    res = '\n'.join(lines)
-    print(res)
-    return res
+    return LearnerSummary(f'{type(self.model).__name__} (Input shape: {inp})', _rows(calls), notes)

@@ -147,6 +147,11 @@ class Learner:
     @smooth_loss.setter
     def smooth_loss(self, v): self.__dict__['_smooth_loss'] = v
 
+    def __repr__(self):
+        lf = self.loss_func
+        lf = getattr(lf, '__name__', None) or type(lf).__name__ if lf is not None else None
+        return f"Learner({type(self.model).__name__}, loss_func={lf}, opt_func={getattr(self.opt_func, '__name__', self.opt_func)}, cbs={list(self.cbs)})"
+
     def __getattr__(self, k):
         "Unknown attributes fall through to the model"
         if k.startswith('__') or k in ('model', '_dispatch', 'cbs', 'strategy', 'dispatch_wrappers'): raise AttributeError(k)

@@ -226,18 +226,170 @@ def test_page(site, nb):
     if (r := blank_reason(site['shots'][page])): probs.append(f'{page}: screenshot {r}')
     if probs: pytest.fail(f'{len(probs)} problems on {page}:\n' + '\n'.join(probs), pytrace=False)
 
+class Nav(HTMLParser):
+    "The sidebar of a rendered page: its groups in order, each (title, [(href, label, is current page)])"
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.groups, self._depth, self._in, self._a = [], 0, None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        cls = (a.get('class') or '').split()
+        if tag == 'nav' and 'site-nav' in cls: self._depth = 1; return
+        if not self._depth: return
+        if tag in ('nav', 'div'): self._depth += 1
+        if 'nav-group' in cls: self.groups.append(['', []])
+        if 'nav-group-title' in cls: self._in = 'title'
+        if tag == 'a' and 'site-brand' not in cls and a.get('href'):
+            if not self.groups: self.groups.append(['', []])
+            self._a = [a['href'], '', a.get('aria-current') == 'page']
+
+    def handle_endtag(self, tag):
+        if not self._depth: return
+        if tag in ('nav', 'div'):
+            self._depth -= 1
+            self._in = None
+        if tag == 'a' and self._a:
+            self._a[1] = ' '.join(self._a[1].split())
+            self.groups[-1][1].append(tuple(self._a)); self._a = None
+
+    def handle_data(self, data):
+        if self._a: self._a[1] += data
+        elif self._in == 'title': self.groups[-1][0] += data
+
+def nav_problems(page, nav, want, first=None):
+    "How the sidebar `nav` of `page` differs from `want` ([(group, [page])]); `first` must be among the first three links"
+    res = []
+    got = [(g.strip(), [h for h, _, _ in links]) for g, links in nav]
+    names, want_names = [g for g, _ in got], [g for g, _ in want]
+    if names != want_names: res.append(f'{page}: groups are {names}, expected {want_names}')
+    for (g, hrefs), (wg, wp) in zip(got, want):
+        if hrefs != wp: res.append(f'{page}: group {wg!r} links {hrefs}, expected {wp}')
+    links = [h for _, hs in got for h in hs]
+    res += [f'{page}: {h} is linked {links.count(h)} times' for h in sorted(set(links)) if links.count(h) > 1]
+    current = [h for _, ls in nav for h, _, cur in ls if cur]
+    if current != [page]: res.append(f'{page}: the sidebar marks {current} as the current page')
+    if first and first not in links[:3]: res.append(f'{page}: {first} is not among the first three links {links[:3]}')
+    return res
+
+def expected_nav(built):
+    "sidebar.yml's groups as pages: [(title, [page])], keeping only the pages that were `built`"
+    nbs = build_docs.get_cfg().nbs_path
+    res = [(t, [build_docs.page_name(nbs/f, nbs) for f, _ in entries]) for t, entries in build_docs.sidebar_groups(nbs)]
+    return [(t, [p for p in ps if p in built]) for t, ps in res if any(p in built for p in ps)]
+
+def test_sidebar_lists_every_notebook():
+    "sidebar.yml names every notebook of nbs/ exactly once, each inside a group"
+    nbs = build_docs.get_cfg().nbs_path
+    groups = build_docs.sidebar_groups(nbs)
+    listed = [f for _, entries in groups for f, _ in entries]
+    assert all(t for t, _ in groups), f'sidebar.yml: pages outside a section: {[e for t, e in groups if not t]}'
+    assert not (dup := sorted({f for f in listed if listed.count(f) > 1})), f'sidebar.yml lists {dup} more than once'
+    have = {p.relative_to(nbs).as_posix() for p in NOTEBOOKS}
+    assert not (missing := sorted(have - set(listed))), f'sidebar.yml does not list {missing}'
+    assert not (extra := sorted(set(listed) - have)), f'sidebar.yml lists {extra}, which are not notebooks in {nbs}'
+
+def test_nbdev_keeps_the_sidebar():
+    "nbdev_docs regenerates sidebar.yml as one flat list unless settings.ini says `custom_sidebar = True`"
+    assert build_docs.get_cfg().custom_sidebar, ('settings.ini needs `custom_sidebar = True`, else nbdev_docs '
+                                                 'overwrites sidebar.yml')
+
 def test_site_navigation(site):
-    "Every page's navigation bar links every page; the core and learner screenshots are kept"
+    "Every page's sidebar links every page once, in its sidebar.yml group and order, tutorial first; screenshots kept"
     pages = set(site['pages'])
-    for page, dom in ((p, site['doms'][p]) for p in pages):
-        nav = {h for t, h in dom.links if t == 'a' and h.endswith('.html') and '/' not in h}
-        assert pages <= nav | {page}, f'{page}: navigation bar misses {sorted(pages - nav - {page})}'
+    want = expected_nav(pages)
+    assert sorted(p for _, ps in want for p in ps) == sorted(pages), 'sidebar.yml does not group every built page'
+    navs = {page: Nav(Path(site['pages'][page]['dom']).read_text()).groups for page in sorted(pages)}
+    probs = [pr for page, nav in navs.items() for pr in nav_problems(page, nav, want, first='tutorial.html')]
+    assert not probs, f'{len(probs)} navigation problems:\n' + '\n'.join(probs)
     for p in KEEP_SHOTS:
         if p in pages: assert site['shots'][p].exists() and site['shots'][p].parent == SHOTS
     kept = ', '.join(str(site['shots'][p]) for p in KEEP_SHOTS if p in pages)
     print(f'screenshots kept: {kept}')
     # a warning is the one channel pytest shows under -q and pytest-xdist alike: name the files for the reader
     warnings.warn(f'[info] {len(pages)} docs pages checked; screenshots in {SHOTS} (core, learner: {kept})')
+
+def test_nav_check_sees_mistakes():
+    "The check itself: a page in the wrong group, a page linked twice, no current page, and the tutorial too far down"
+    html = ('<nav class="site-nav"><a class="site-brand" href="index.html">x</a>'
+            '<div class="nav-group"><div class="nav-group-title">Start</div><ul><li><a href="index.html">Home</a></li>'
+            '<li><a href="b.html">B</a></li><li><a href="c.html">C</a></li></ul></div>'
+            '<div class="nav-group"><div class="nav-group-title">More</div><ul><li><a href="t.html">T</a></li>'
+            '<li><a href="b.html">B</a></li></ul></div></nav><h1>Page</h1><a href="z.html">z</a>')
+    nav = Nav(html).groups
+    assert [(g, [h for h, _, _ in ls]) for g, ls in nav] == [('Start', ['index.html', 'b.html', 'c.html']),
+                                                             ('More', ['t.html', 'b.html'])]
+    want = [('Start', ['index.html', 't.html']), ('More', ['b.html', 'c.html'])]
+    probs = nav_problems('c.html', nav, want, first='t.html')
+    assert len(probs) == 5, probs
+    good = Nav(html.replace('<li><a href="b.html">B</a></li></ul></div></nav>', '</ul></div></nav>')
+               .replace('href="c.html"', 'href="c.html" aria-current="page"')).groups
+    assert nav_problems('c.html', good, [('Start', ['index.html', 'b.html', 'c.html']), ('More', ['t.html'])]) == []
+
+# ---------------------------------------------------------------- titles and subtitles, whole
+_CUT_WORDS = {'a', 'an', 'the', 'and', 'or', 'of', 'to', 'in', 'on', 'for', 'with', 'by', 'from', 'its', 'their', 'as',
+              'at'}
+
+def front_matter(nb_path):
+    "(title, subtitle lines) of a notebook's first markdown cell: its `# Title` and its `> ` lines"
+    nb = json.loads(Path(nb_path).read_text())
+    md = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    m = re.search(r'^#\s+(.+?)\s*$', md, re.M)
+    return (m.group(1) if m else ''), [l[1:].strip() for l in md.splitlines() if l.startswith('>')]
+
+def subtitle_problems(name, title, lines):
+    "What makes a page's title or subtitle not whole: missing, split over lines (nbdev keeps only the first), or cut"
+    if not title: return [f'{name}: no `# Title` in the first markdown cell']
+    if not lines or not lines[0]: return [f'{name}: no `> subtitle` in the first markdown cell']
+    if len(lines) > 1:
+        return [f'{name}: the subtitle spans {len(lines)} `>` lines; nbdev keeps only the first: {lines[0]!r}']
+    s, res = lines[0], []
+    words = re.findall(r"[\w']+", s.lower())
+    if s[-1] in ',;:-(/' or (words and words[-1] in _CUT_WORDS and not s.endswith('`')):
+        res.append(f'{name}: the subtitle ends mid-sentence: {s!r}')
+    if s.count('`') % 2: res.append(f'{name}: the subtitle has an unclosed backtick: {s!r}')
+    if s.count('(') != s.count(')'): res.append(f'{name}: the subtitle has an unclosed parenthesis: {s!r}')
+    return res
+
+def test_front_matter_is_whole():
+    "Every notebook has a `# Title` and a one-line `> subtitle` that is not cut mid-sentence"
+    probs = [p for nb in NOTEBOOKS for p in subtitle_problems(nb.name, *front_matter(nb))]
+    assert not probs, '\n'.join(probs)
+
+def test_subtitle_check_sees_cuts():
+    "The check itself: a subtitle cut after 'in', after a comma, with an open parenthesis or backtick, or on two lines"
+    assert subtitle_problems('x', 'T', ['Train a model, save and load']) == []
+    assert subtitle_problems('x', 'T', ['Everything at once: `from fastcb.all import *`']) == []
+    for cut in (['metrics on the logits, predictions in'], ['one, two,'], ['the loop (and more'], ['call `fit'],
+                ['the state of'], ['first line', 'second line'], [''], []):
+        assert subtitle_problems('x', 'T', cut), cut
+    assert subtitle_problems('x', '', ['fine'])
+
+def _plain(s):
+    "Text as a reader sees it: no markdown backticks, pandoc's typographic quotes and dashes undone, spaces collapsed"
+    s = s.replace('`', '')
+    for a, b in (('\u2019', "'"), ('\u2018', "'"), ('\u201c', '"'), ('\u201d', '"'), ('\u2014', '---'), ('\u2013', '--'),
+                 ('\u2026', '...')):
+        s = s.replace(a, b)
+    return ' '.join(s.split())
+
+def shown_subtitle(dom_html):
+    "The subtitle the rendered page shows under its title, as plain text"
+    import html as _html
+    m = re.search(r'<p class="subtitle"[^>]*>(.*?)</p>', dom_html, re.S)
+    return _plain(_html.unescape(re.sub(r'<[^>]+>', '', m.group(1)))) if m else None
+
+def test_pages_show_whole_subtitle(site):
+    "The built page shows the notebook's whole `> subtitle` under its title"
+    probs = []
+    for nb in NOTEBOOKS:
+        page = build_docs.page_name(nb, nb.parent)
+        if page not in site['pages']: continue
+        want = _plain(' '.join(front_matter(nb)[1]))
+        got = shown_subtitle(Path(site['pages'][page]['dom']).read_text())
+        if got != want: probs.append(f'{page}: shows subtitle {got!r}, the notebook has {want!r}')
+    assert not probs, '\n'.join(probs)
 
 def test_broken_link_is_reported(tmp_path):
     "The link check fails naming the page and the link for a missing page, a missing anchor and a missing image"

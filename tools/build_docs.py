@@ -6,7 +6,8 @@ processing -- `NBProcessor` with `FilterDefaults().procs()`, the step `nbdev_doc
 the `# Title` cell, a `show_doc` cell after each `#| export` definition, executed to get its markdown signature, hidden
 and exported cells dropped, backticked names linked -- then becomes markdown and is rendered by pandoc into
 `_site/<page>.html` (nbdev's page names: `00_core.ipynb` -> `core.html`, `index.ipynb` -> `index.html`) with a
-navigation bar linking every page in the sidebar's order. Links to the online docs become relative links.
+sidebar linking every page, grouped and ordered as `nbs/sidebar.yml` (quarto's `website: sidebar: contents:`, kept by
+nbdev when settings.ini has `custom_sidebar = True`) groups them. Links to the online docs become relative links.
 
     python tools/build_docs.py                       # every notebook -> _site/
     python tools/build_docs.py --dest /tmp/site 00_core.ipynb
@@ -22,14 +23,24 @@ _re_ansi = re.compile(r'\x1B(?:[@-Z\\-_]|\[[0-?]*[ -/]*[@-~])')
 _re_directive = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 
 SITE_CSS = """
-body { max-width: 72em; padding: 0 2em 3em 2em; margin: 0 auto; font-family: system-ui, -apple-system, "Segoe UI",
+body { max-width: 72em; padding: 0 2em 3em 17em; margin: 0 auto; font-family: system-ui, -apple-system, "Segoe UI",
   Roboto, "Helvetica Neue", Arial, sans-serif; line-height: 1.5; color: #212529; }
 a { color: #2761e3; }
-nav.site-nav { position: sticky; top: 0; z-index: 10; background: #2780e3; margin: 0 -2em 1.5em -2em;
-  padding: 0.55em 2em; display: flex; flex-wrap: wrap; gap: 0.3em 1.1em; align-items: baseline; }
-nav.site-nav a { color: #fff; text-decoration: none; font-size: 0.92em; }
-nav.site-nav a.site-brand { font-weight: bold; font-size: 1.1em; margin-right: 0.6em; }
-nav.site-nav a.active { text-decoration: underline; font-weight: bold; }
+nav.site-nav { position: fixed; top: 0; bottom: 0; left: 0; width: 14.5em; overflow-y: auto; z-index: 10;
+  box-sizing: border-box; padding: 1em 0.8em 2em 1.2em; background: #f7f8fa; border-right: 1px solid #e5e5e5;
+  font-size: 0.9em; }
+nav.site-nav a.site-brand { display: block; font-weight: bold; font-size: 1.3em; color: #2780e3; text-decoration: none; }
+nav.site-nav .nav-group-title { margin: 1.1em 0 0.25em 0; font-size: 0.78em; font-weight: 600; letter-spacing: 0.05em;
+  text-transform: uppercase; color: #6c757d; }
+nav.site-nav ul { list-style: none; margin: 0; padding: 0; }
+nav.site-nav li a { display: block; padding: 0.12em 0.45em; border-radius: 3px; color: #212529; text-decoration: none; }
+nav.site-nav li a:hover { background: #e9ecef; }
+nav.site-nav li a.active { background: #e3eefc; color: #2761e3; font-weight: 600; }
+@media (max-width: 50em) {
+  body { padding-left: 1.2em; padding-right: 1.2em; }
+  nav.site-nav { position: static; width: auto; margin: 0 -1.2em 1em -1.2em; border-right: none;
+    border-bottom: 1px solid #e5e5e5; }
+}
 nav#TOC { float: right; width: 16em; margin: 0 0 1em 1.5em; padding: 0.5em 0.8em; font-size: 0.85em;
   border-left: 2px solid #e5e5e5; }
 nav#TOC ul { padding-left: 1em; }
@@ -45,13 +56,40 @@ def get_cfg():
     from nbdev.config import get_config
     return get_config(path=root)
 
+def _sidebar_entries(entries):
+    "(file, label) of each page sidebar `entries` name (a file, or `href:` with an optional `text:`), sections flattened"
+    res = []
+    for e in entries or []:
+        if isinstance(e, dict) and 'contents' in e: res += _sidebar_entries(e['contents'])
+        elif isinstance(e, dict) and e.get('href'): res.append((str(e['href']), e.get('text')))
+        elif isinstance(e, str) and e.endswith(('.ipynb', '.qmd', '.md')): res.append((e, None))
+    return res
+
+def sidebar_groups(nbs_path:Path|None=None):
+    "The groups of `nbs_path/sidebar.yml` in order: (title, [(notebook, label or None)]), title '' outside a section"
+    import yaml
+    yml = Path(nbs_path or get_cfg().nbs_path)/'sidebar.yml'
+    if not yml.exists(): return []
+    contents = (((yaml.safe_load(yml.read_text()) or {}).get('website') or {}).get('sidebar') or {}).get('contents') or []
+    groups = []
+    for e in contents:
+        if isinstance(e, dict) and 'section' in e and 'contents' in e:
+            groups.append((str(e['section']), _sidebar_entries(e['contents'])))
+        elif groups and groups[-1][0] == '': groups[-1][1].extend(_sidebar_entries([e]))
+        else: groups.append(('', _sidebar_entries([e])))
+    return groups
+
 def doc_notebooks(nbs_path:Path|None=None):
-    "The notebooks that become pages, in the order of nbdev's sidebar (index first)"
+    "The notebooks that become pages, in sidebar.yml's order; any it does not list come last, in nbdev's order"
     from nbdev.quarto import _sort
     nbs_path = Path(nbs_path or get_cfg().nbs_path)
     files = [p for p in nbs_path.rglob('*.ipynb')
              if not any(part.startswith(('_', '.')) for part in p.relative_to(nbs_path).parts)]
-    return [p for p in sorted(files, key=lambda p: _sort((p.parent, p.name)))]
+    files = sorted(files, key=lambda p: _sort((p.parent, p.name)))
+    order = {}
+    for _, entries in sidebar_groups(nbs_path):
+        for f, _ in entries: order.setdefault(Path(f).as_posix(), len(order))
+    return sorted(files, key=lambda p: order.get(p.relative_to(nbs_path).as_posix(), len(order)))
 
 def page_name(nb_path:Path, nbs_path:Path|None=None):
     "Output file of a notebook, as nbdev names it (`00_core.ipynb` -> `core.html`)"
@@ -196,12 +234,33 @@ class _Page:
             elif cell.cell_type == 'raw' and not cell.source.lstrip().startswith('---'): out.append(cell.source)
         return '\n\n'.join(s for s in out if s and s.strip()) + '\n'
 
-def _nav_html(pages, current):
-    items = [f'<a class="site-brand" href="index.html">{html.escape(pages[0]["site_title"])}</a>']
-    for p in pages:
-        if p['page'] == 'index.html': continue
-        cls = ' class="active" aria-current="page"' if p['page'] == current else ''
-        items.append(f'<a href="{p["page"]}"{cls}>{html.escape(p["title"])}</a>')
+def nav_groups(pages, nbs_path:Path):
+    "The built `pages` grouped as sidebar.yml groups them: [(title, [(page, label)])]; unlisted pages in a last group"
+    by_nb = {(p['notebook'].relative_to(nbs_path) if p['notebook'].is_relative_to(nbs_path) else Path(p['notebook'].name)
+              ).as_posix(): p for p in pages}
+    res, seen = [], set()
+    for title, entries in sidebar_groups(nbs_path):
+        items = []
+        for f, label in entries:
+            p = by_nb.get(Path(f).as_posix())
+            if p is None or p['page'] in seen: continue
+            seen.add(p['page'])
+            items.append((p['page'], str(label or p['title'])))
+        if items: res.append((title, items))
+    rest = [(p['page'], p['title']) for p in pages if p['page'] not in seen]
+    if rest: res.append(('More pages' if res else '', rest))
+    return res
+
+def _nav_html(groups, current, site_title):
+    "The sidebar of page `current`: the site's name, then each group's heading and links"
+    up = '../' * current.count('/')
+    items = [f'<a class="site-brand" href="{up}index.html">{html.escape(site_title)}</a>']
+    for i, (title, links) in enumerate(groups):
+        head = f'<div class="nav-group-title" id="site-nav-group-{i}">{html.escape(title)}</div>\n' if title else ''
+        lis = ''.join(f'<li><a href="{up}{page}"' + (' class="active" aria-current="page"' if page == current else '')
+                      + f'>{html.escape(label)}</a></li>\n' for page, label in links)
+        label = f' role="group" aria-labelledby="site-nav-group-{i}"' if title else ''
+        items.append(f'<div class="nav-group"{label}>\n{head}<ul>\n{lis}</ul>\n</div>')
     return '<nav class="site-nav" aria-label="Pages">\n' + '\n'.join(items) + '\n</nav>\n'
 
 def _copy_md_assets(md, nb_dir, dest):
@@ -248,7 +307,7 @@ def build(dest:str|Path=root/'_site', # Output folder (emptied first)
             md = _Page(nb, Path(page).stem, dest, links).markdown()
             _copy_md_assets(md, nb_path.parent, dest)
             pages.append(dict(notebook=nb_path, page=page, title=title, description=str(fm.get('description', '')),
-                              site_title=site_title, md=md))
+                              md=md))
             if not quiet:
                 n = len(getattr(nb, 'warnings_', []))
                 print(f'processed {nb_path.name} -> {page}' + (f' ({n} nbdev warnings)' if n else ''), flush=True)
@@ -258,18 +317,19 @@ def build(dest:str|Path=root/'_site', # Output folder (emptied first)
     (dest/'site.css').write_text(SITE_CSS); css.append('site.css')
     work = dest/'.build'
     work.mkdir()
+    groups = nav_groups(pages, nbs_path)
     def render(p):
         stem = Path(p['page']).stem
         meta = dict(title=p['title'], pagetitle=site_title if p['title'] == site_title else f"{site_title} - {p['title']}")
         if p['description']: meta['subtitle'] = p['description']
         md_path, nav_path = work/f'{stem}.md', work/f'{stem}.nav.html'
         md_path.write_text('---\n' + ''.join(f'{k}: {json.dumps(v)}\n' for k, v in meta.items()) + '---\n\n' + p['md'])
-        nav_path.write_text(_nav_html(pages, p['page']))
+        nav_path.write_text(_nav_html(groups, p['page'], site_title))
         (dest/p['page']).parent.mkdir(parents=True, exist_ok=True)
         _pandoc(md_path, dest/p['page'], nav_path, ['../' * p['page'].count('/') + c for c in css])
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex: list(ex.map(render, pages))
     shutil.rmtree(work)
-    for p in pages: del p['md'], p['site_title']
+    for p in pages: del p['md']
     if not quiet: print(f'wrote {len(pages)} pages to {dest}' + (f'; {len(failed)} notebooks failed' if failed else ''))
     return (pages, failed) if keep_going else pages
 

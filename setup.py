@@ -21,6 +21,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), cfg['license'])
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
+demo_requirements = shlex.split(cfg.get('demo_requirements', ''))  # what `python -m fastcb.demo` needs: the digits data
 
 setuptools.setup(
     name=cfg['lib_name'],
@@ -34,7 +35,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['fastcb', 'fastcb.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'demo': demo_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

@@ -704,16 +704,32 @@ def load(self:Learner, file, # As in `save`
     return self
 
 # %% ../nbs/06_learner.ipynb #eab757d2
+def _vocab_of(learn, dl):
+    "The class names `learn` knows: `dls.vocab`, the dataset's `classes` (torchvision), `model.config.id2label` (Hugging Face)"
+    for v in (getattr(learn.dls, 'vocab', None), getattr(getattr(dl, 'dataset', None), 'classes', None),
+              getattr(getattr(learn.model, 'config', None), 'id2label', None)):
+        if v: return v
+
+def _label(decoded, vocab):
+    "`decoded` read through `vocab`: an index gives its name, indices a list of names, a multi-label mask the names it picks"
+    if not vocab or not isinstance(decoded, torch.Tensor) or decoded.dtype.is_floating_point: return decoded
+    if decoded.dtype == torch.bool:
+        return [vocab[i] for i in decoded.nonzero().flatten().tolist()] if decoded.shape == (len(vocab),) else decoded
+    if decoded.ndim == 0: return vocab[decoded.item()]
+    return [vocab[i] for i in decoded.tolist()] if decoded.ndim == 1 else decoded
+
 @patch
 def predict(self:Learner, item, # One item: a tensor (one input), a tuple as the dataset gives it, or a dict (a mapping batch)
             dl=None, # The loader whose `collate_fn` batches `item`; default: `dls.valid`, or `dls.train` when there is none
-            act=None): # As in `get_preds`: default `loss_activation(loss_func)`
-    "Prediction on one `item`: `(decoded, pred)`, without the batch dimension"
+            act=None, # As in `get_preds`: default `loss_activation(loss_func)`
+            vocab=None): # Class names for `label`; default: `dls.vocab`, the dataset's `classes`, `model.config.id2label`
+    "Prediction on one `item`, as fastai: `(label, decoded, pred)`, e.g. the class name, its index and the probabilities"
     if dl is None: dl = self.dls[1] if len(self.dls) > 1 else self.dls[0]
     b = (getattr(dl, 'collate_fn', None) or default_collate)([item])
     res = self.get_preds(dl=[b], reorder=False, with_decoded=True, with_targs=False, act=act)
     first = lambda t: t[0]
-    return tree_map(first, res[-1]),tree_map(first, res[0])
+    decoded,pred = tree_map(first, res[-1]),tree_map(first, res[0])
+    return _label(decoded, _vocab_of(self, dl) if vocab is None else vocab),decoded,pred
 
 @patch
 def to(self:Learner, device): # A device: 'cuda', 'cpu', torch.device('cuda', 1)...

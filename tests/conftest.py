@@ -1,6 +1,19 @@
-import fcntl, faulthandler, os
+"""Shared test plumbing: time bounds, a folder shared by xdist workers, and a clean stop.
+
+A run stops cleanly on Ctrl-C *and* on SIGTERM (what `timeout`, CI runners and `kill` send): SIGTERM is turned into the
+`KeyboardInterrupt` that Ctrl-C raises, so pytest ends the session, runs the fixtures' teardown and every `finally`,
+and `process_tree` ends whatever a test started -- `torchrun` jobs included, whose launcher and workers each run in a
+session of their own and so never see the terminal's Ctrl-C."""
+import fcntl, faulthandler, os, signal, subprocess, threading
 from contextlib import contextmanager
+from pathlib import Path
 import pytest
+
+
+def _sigterm(signum, frame): raise KeyboardInterrupt(f'signal {signum}')
+
+def pytest_configure(config):
+    if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _sigterm)
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +37,35 @@ def shared_dir(tmp_path_factory, name):
         fcntl.flock(lock, fcntl.LOCK_EX)
         try: yield base/name, (base/name/'.done').exists()
         finally: fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def descendants(pid):
+    "The pids of the processes started by process `pid`, and theirs (Linux: from /proc)"
+    kids = {}
+    for st in Path('/proc').glob('[0-9]*/stat'):
+        try: f = st.read_text().rsplit(')', 1)[1].split()
+        except OSError: continue
+        kids.setdefault(int(f[1]), []).append(int(st.parent.name))
+    res, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []): res.append(k); todo.append(k)
+    return res
+
+
+def kill_tree(p):
+    "SIGKILL `p` (a `Popen` started in a session of its own), everything it started and its process group; reap it"
+    pids = [p.pid] + descendants(p.pid)  # before any dies: an orphan's parent is no longer `p`
+    for pid in pids:
+        try: os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+    try: os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError): pass
+    p.wait()
+
+
+@contextmanager
+def process_tree(cmd, **kwargs):
+    "`subprocess.Popen(cmd, **kwargs)` in a session of its own; leaving the block (done, failed, Ctrl-C, SIGTERM) kills what is left"
+    p = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try: yield p
+    finally: kill_tree(p)

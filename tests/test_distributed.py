@@ -4,12 +4,13 @@ One torchrun job runs most scenarios (each process saves what it saw), the tests
 made here; a second job crashes on purpose. Every job is bounded by a timeout and killed with its workers on expiry,
 so a hang fails the test instead of blocking the suite.
 """
-import os, signal, subprocess, sys, textwrap, time
+import os, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from conftest import kill_tree, process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -155,19 +156,6 @@ with learn.distrib_ctx(): learn.fit(3)
 '''
 
 
-def _descendants(pid):
-    "The pids of the processes started by process `pid`, and theirs (Linux: from /proc)"
-    kids = {}
-    for st in Path('/proc').glob('[0-9]*/stat'):
-        try: f = st.read_text().rsplit(')', 1)[1].split()
-        except OSError: continue
-        kids.setdefault(int(f[1]), []).append(int(st.parent.name))
-    res, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []): res.append(k); todo.append(k)
-    return res
-
-
 def torchrun(script, folder, timeout=JOB_TIMEOUT, args=()):
     "Run `script` (source) under `torchrun --standalone --nproc_per_node 2` (and `args`); (returncode, output, seconds)"
     folder = Path(folder)
@@ -179,12 +167,12 @@ def torchrun(script, folder, timeout=JOB_TIMEOUT, args=()):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
     env.pop('RANK', None); env.pop('WORLD_SIZE', None)
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    try: output,_ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in [p.pid] + _descendants(p.pid): os.kill(pid, signal.SIGKILL)  # torchrun and its workers (own sessions)
-        output,_ = p.communicate(timeout=30)
-        pytest.fail(f"torchrun job still running after {timeout}s (a hang?); its output:\n{output[-4000:]}")
+    with process_tree(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        try: output,_ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(p)  # torchrun and its workers (each in a session of its own)
+            output,_ = p.communicate(timeout=30)
+            pytest.fail(f"torchrun job still running after {timeout}s (a hang?); its output:\n{output[-4000:]}")
     return p.returncode, output, time.monotonic() - t0
 
 

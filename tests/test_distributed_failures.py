@@ -242,6 +242,7 @@ def hang(tmp_path_factory):
     return [torch.load(folder/f'rank{r}.pt', weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_stuck_rank_named_after_the_timeout(hang):
     (e0, t0), (e1, t1) = hang[0]['stuck'], hang[1]['stuck']
     assert 7.5 < t0 < 40, t0  # the timeout (8 s), not 30 minutes
@@ -253,6 +254,7 @@ def test_stuck_rank_named_after_the_timeout(hang):
     assert "rank 0: failed at fit, epoch 0, training iter 3 of 8 (" in e1 and "): gave up waiting (" in e1, e1
 
 
+@pytest.mark.slow
 def test_collectives_that_cannot_meet_end_after_the_timeout(hang):
     for r, (e, t) in enumerate(r['gather_rank0'] for r in hang):
         assert 7.5 < t < 40, t  # the timeout (8 s; twice for a gather: two collectives)
@@ -284,6 +286,7 @@ else: torch.save(fit(mkd(), 'ckpt', resume='latest'), out/f'resumed{rank}.pt')
 '''
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_with_per_rank_randomness(tmp_path):
     rc, output, secs = torchrun(RESUME, tmp_path, timeout=240, args=('--max-restarts', '1'))
     assert rc == 0, output[-6000:]

@@ -217,6 +217,7 @@ def site(tmp_path_factory):
     shots = {page: Path(v['shot']) for page, v in info['pages'].items()}
     return dict(dest=Path(info['site']), pages=info['pages'], failed=info['failed'], doms=doms, shots=shots)
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_page(site, nb):
     page = build_docs.page_name(nb, nb.parent)
@@ -295,6 +296,7 @@ def test_nbdev_keeps_the_sidebar():
     assert build_docs.get_cfg().custom_sidebar, ('settings.ini needs `custom_sidebar = True`, else nbdev_docs '
                                                  'overwrites sidebar.yml')
 
+@pytest.mark.slow
 def test_site_navigation(site):
     "Every page's sidebar links every page once, in its sidebar.yml group and order, tutorial first; screenshots kept"
     pages = set(site['pages'])
@@ -380,6 +382,7 @@ def shown_subtitle(dom_html):
     m = re.search(r'<p class="subtitle"[^>]*>(.*?)</p>', dom_html, re.S)
     return _plain(_html.unescape(re.sub(r'<[^>]+>', '', m.group(1)))) if m else None
 
+@pytest.mark.slow
 def test_pages_show_whole_subtitle(site):
     "The built page shows the notebook's whole `> subtitle` under its title"
     probs = []
@@ -391,6 +394,7 @@ def test_pages_show_whole_subtitle(site):
         if got != want: probs.append(f'{page}: shows subtitle {got!r}, the notebook has {want!r}')
     assert not probs, '\n'.join(probs)
 
+@pytest.mark.slow
 def test_broken_link_is_reported(tmp_path):
     "The link check fails naming the page and the link for a missing page, a missing anchor and a missing image"
     (tmp_path/'a.html').write_text('<html><head><title>a</title></head><body><h1 id="top">A</h1>'
@@ -430,6 +434,7 @@ def empty_sections(dom):
     "Headings followed by nothing before the next heading of the same or a higher level"
     return [b[4].strip() for i,b in enumerate(dom.blocks) if b[0] == 'h' and not dom.section(i)]
 
+@pytest.mark.slow
 def test_learner_page_is_a_reference(site):
     "The Learner page documents the class and its main methods with signature and parameters, and has no empty section"
     from fastcb.learner import Learner

@@ -35,6 +35,7 @@ def _dom(site, nb):
     assert page in site['pages'], f'{nb.name} produced no page'
     return page, OutDom(Path(site['pages'][page]['dom']).read_text())
 
+@pytest.mark.slow
 def test_tutorial_shows_its_table_and_figures(site):
     nb = next(p for p in NOTEBOOKS if p.name == '16_tutorial.ipynb')
     page, dom = _dom(site, nb)
@@ -42,6 +43,7 @@ def test_tutorial_shows_its_table_and_figures(site):
     assert table, f'{page} shows no epoch table'
     assert dom.n_figures >= 3, f'{page} shows {dom.n_figures} figures, expected at least 3'
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nb', [p for p in NOTEBOOKS if trains(p)], ids=lambda p: p.name)
 def test_training_chapters_show_outputs(site, nb):
     page, dom = _dom(site, nb)

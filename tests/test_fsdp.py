@@ -289,6 +289,7 @@ def test_sharded_checkpoints_rotated(job):
     assert not any(f.startswith('.') for f in fs)  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_kill_and_resume_exact(job, tmp_path):
     res, _ = job
     rc, output, _ = torchrun(KILLED, tmp_path, timeout=180)

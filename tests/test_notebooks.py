@@ -1,75 +1,110 @@
-"""Every notebook in nbs/ runs top to bottom in a real Jupyter kernel, as a user runs it (not only under `nbdev_test`,
-which skips nothing here but runs cells in its own shell). A failure names the notebook and the cell. The kernel runs
-in nbs/ with its proxies pointed at a closed port, so a cell that reaches for the network fails instead of hanging.
-Each notebook has a time budget of NB_TIMEOUT seconds (env FASTCB_NB_TIMEOUT)."""
-import json, os, re, time, warnings
+"""Every notebook in nbs/ runs once, exactly as `nbdev_test` runs it: nbdev's own `test_nb`, the same notebooks, the
+same skipped flags (`tst_flags`), in the notebooks' folder. Why not call `nbdev_test`: its process pool finishes every
+queued notebook before it honours Ctrl-C (tens of seconds), while here the two worker processes belong to this pytest
+run and end with it -- on a failure, Ctrl-C or SIGTERM (`conftest.process_tree`).
+
+The workers take notebooks one at a time, the longest first, so both cores stay busy; a notebook that runs past
+NB_TIMEOUT seconds (env FASTCB_NB_TIMEOUT) fails and its worker is replaced. A failure names the notebook, the cell and
+the error, as `nbdev_test` prints them."""
+import json, os, selectors, subprocess, sys, time
 from pathlib import Path
 import pytest
+from conftest import kill_tree
 
-root = Path(__file__).resolve().parent.parent
-NBS = root/'nbs'
+ROOT = Path(__file__).resolve().parents[1]
 NB_TIMEOUT = int(os.environ.get('FASTCB_NB_TIMEOUT', 180))
-NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith(('_', '.')))
-_NO_NET = 'http://127.0.0.1:9'  # discard port: connections are refused at once
+N_WORKERS = 2
+TAG = '@@fastcb-nb@@ '  # starts the worker's result lines; whatever else a notebook writes to stdout is ignored
 
-def _kernel_env():
-    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', no_proxy='', NO_PROXY='')
-    for k in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY', 'all_proxy'): env[k] = _NO_NET
-    for k in ('IN_TEST', 'MPLBACKEND'): env.pop(k, None)  # as in a user's Jupyter: no nbdev test flag, inline plots
-    return env
+WORKER = r'''
+import contextlib, io, json, os, sys
+from pathlib import Path
+from nbdev.config import get_config
+from nbdev.test import test_nb
+cfg = get_config()
+os.chdir(cfg.nbs_path)
+for line in sys.stdin:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        ok, secs = test_nb(Path(line.strip()), skip_flags=cfg.tst_flags.split(), basepath=cfg.config_path)
+    print(sys.argv[1] + json.dumps(dict(nb=line.strip(), ok=ok, secs=secs, err=err.getvalue()[-6000:])), flush=True)
+'''
 
-def run_notebook(path, timeout=NB_TIMEOUT, cwd=None):
-    "Execute notebook `path` top to bottom in a fresh python3 kernel; raise AssertionError naming notebook and cell"
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-    path = Path(path)
-    with warnings.catch_warnings():  # cells without ids (nbdev_clean adds them) are fine for running
-        warnings.simplefilter('ignore')
-        nb = nbformat.read(path, as_version=4)
-    deadline = time.monotonic() + timeout
-    state = {}
-    def cell_timeout(cell): return max(1, int(deadline - time.monotonic()))
-    def on_start(cell, cell_index): state['idx'] = cell_index
-    client = NotebookClient(nb, timeout=timeout, timeout_func=cell_timeout, kernel_name='python3',
-                            allow_errors=False, interrupt_on_timeout=True, on_cell_start=on_start,
-                            shutdown_kernel='immediate',
-                            resources={'metadata': {'path': str(cwd or path.parent)}})
-    def where(what='failed'):
-        i = state.get('idx')
-        if i is None: return f'{path.name}: the kernel failed to start'
-        code_no = sum(c.cell_type == 'code' for c in nb.cells[:i + 1])
-        src = nb.cells[i].source
-        return f'{path.name}: cell {i} (code cell {code_no}) {what}:\n{src[:800]}' + (' [...]' if len(src) > 800 else '')
-    def error():
-        i = state.get('idx')
-        errs = [o for o in nb.cells[i].get('outputs', []) if o.get('output_type') == 'error'] if i is not None else []
-        if not errs: return ''
-        tb = re.sub(r'\x1b\[[0-9;]*m', '', '\n'.join(errs[-1].get('traceback', [])))
-        return f"\n--- {errs[-1].get('ename')}: {errs[-1].get('evalue')} ---\n{tb[-2500:]}"
-    try: client.execute(env=_kernel_env())
-    except CellTimeoutError: raise AssertionError(where(f'ran past the notebook budget of {timeout}s')) from None
-    except CellExecutionError as e: raise AssertionError(where() + (error() or f'\n{e}'[-2500:])) from None
-    except DeadKernelError as e: raise AssertionError(f'{where()}\nthe kernel died: {e}') from None
-    return nb
+
+def notebooks():
+    "The notebooks `nbdev_test` would run, the longest (most code) first"
+    from nbdev.config import get_config
+    from nbdev.doclinks import nbglob
+    from nbdev.test import _keep_file
+    files = [f for f in nbglob(get_config().nbs_path, as_path=True) if _keep_file(f, '.notest')]
+    code = lambda f: sum(len(''.join(c['source'])) for c in json.loads(f.read_text())['cells'] if c['cell_type'] == 'code')
+    return sorted(files, key=code, reverse=True)
+
+
+NOTEBOOKS = notebooks()
+
+
+class _Worker:
+    "A python process that runs the notebooks it is sent, one at a time, and says how each went"
+    def __init__(self, sel):
+        env = {'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // N_WORKERS)), **os.environ, 'PYTHONUNBUFFERED': '1'}
+        env.pop('PYTEST_CURRENT_TEST', None)  # (torch's threads share the cores: 2 workers x all cores ran 1.7x slower)
+        self.p = subprocess.Popen([sys.executable, '-c', WORKER, TAG], cwd=ROOT, env=env, text=True, bufsize=1,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        self.sel, self.nb = sel, None
+        sel.register(self.p.stdout, selectors.EVENT_READ, self)
+
+    def send(self, nb): self.nb, self.t0 = nb, time.monotonic(); self.p.stdin.write(f'{nb}\n'); self.p.stdin.flush()
+
+    def close(self):
+        try: self.sel.unregister(self.p.stdout)
+        except (KeyError, ValueError): pass
+        kill_tree(self.p)
+
+
+def run_all(nbs, n_workers=N_WORKERS, timeout=NB_TIMEOUT):
+    "{notebook name: dict(ok, secs, err)} after running `nbs` on `n_workers` processes"
+    todo, res, sel = list(nbs), {}, selectors.DefaultSelector()
+    workers = [_Worker(sel) for _ in range(min(n_workers, len(todo)))]
+    def feed(w):
+        if todo: w.send(todo.pop(0))
+        else: w.nb = None
+    try:
+        for w in workers: feed(w)
+        while any(w.nb for w in workers):
+            for key,_ in sel.select(timeout=1):
+                w, line = key.data, key.fileobj.readline()
+                if line.startswith(TAG):
+                    r = json.loads(line[len(TAG):]); res[Path(r['nb']).name] = r; feed(w)
+                elif not line:  # the worker died (a crash, a notebook that called os._exit...)
+                    res[w.nb.name] = dict(ok=False, secs=time.monotonic() - w.t0, err=f'the worker process died ({w.p.wait()})')
+                    w.close(); workers[workers.index(w)] = w = _Worker(sel); feed(w)
+            for i,w in enumerate(workers):
+                if w.nb and time.monotonic() - w.t0 > timeout:
+                    res[w.nb.name] = dict(ok=False, secs=timeout, err=f'ran past the notebook budget of {timeout}s')
+                    w.close(); workers[i] = w = _Worker(sel); feed(w)
+    finally:
+        for w in workers: w.close()
+    return res
+
+
+@pytest.fixture(scope='module')
+def results(): return run_all(NOTEBOOKS)
+
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(nb):
-    err = None
-    try: run_notebook(nb)
-    except AssertionError as e: err = str(e)
-    if err: pytest.fail(err, pytrace=False)
+def test_notebook(results, nb):
+    r = results[nb.name]
+    if not r['ok']: pytest.fail(f"{nb.name} failed after {r['secs']:.0f}s:\n{r['err']}", pytrace=False)
+
 
 def test_failure_names_notebook_and_cell(tmp_path):
-    "A failing cell fails with the notebook name, the cell and the error"
+    "A failing cell fails with the notebook's name, the cell's code and the error"
     cells = [dict(id='a', cell_type='markdown', metadata={}, source='# Broken'),
              dict(id='b', cell_type='code', metadata={}, source='x = 1', outputs=[], execution_count=None),
-             dict(id='c', cell_type='code', metadata={}, source='assert x == 2, "x is not 2"', outputs=[],
-                  execution_count=None)]
+             dict(id='c', cell_type='code', metadata={}, source='assert x == 2, "x is not 2"', outputs=[], execution_count=None)]
     p = tmp_path/'broken_nb.ipynb'
     p.write_text(json.dumps(dict(cells=cells, metadata=dict(kernelspec=dict(name='python3', display_name='Python 3',
-                                                                                 language='python')),
-                                 nbformat=4, nbformat_minor=5)))
-    with pytest.raises(AssertionError) as ei: run_notebook(p, timeout=60)
-    msg = str(ei.value)
-    assert 'broken_nb.ipynb: cell 2 (code cell 2) failed' in msg and 'x is not 2' in msg and 'assert x == 2' in msg, msg
+                                                                             language='python')), nbformat=4, nbformat_minor=5)))
+    r = run_all([p], n_workers=1, timeout=60)['broken_nb.ipynb']
+    assert not r['ok'] and 'x is not 2' in r['err'] and 'assert x == 2' in r['err'], r

@@ -93,6 +93,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path, ref_out):
     assert int(latest.split('iter')[1].split('.')[0]) < kill_at
     check_same(ref_out, res_out)
 
+@pytest.mark.slow
 def test_resume_twice(tmp_path, ref_out):
     "Killed in epoch 2, resumed, killed again in epoch 3, resumed again: still the uninterrupted training"
     k1,_ = run(tmp_path, 'kill', kill_at=N_ITER + 8)

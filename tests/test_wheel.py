@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import shared_dir
 
+pytestmark = pytest.mark.slow  # a wheel build and a fresh virtualenv: ~40 s
+
 root = Path(__file__).resolve().parent.parent
 cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(root/'settings.ini')
 cfg = cfg['DEFAULT']

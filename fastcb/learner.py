@@ -242,6 +242,7 @@ class Learner:
             lst = tuple(lst)
             d[e] = (lst, self.strategy.around_event(self, e, lst))
         self._dispatch = d
+        self._run_contexts = tuple(cb for cb in cbs if defines(cb, 'around_run'))  # see `_run`
         if self._batch_events is not None: self._batch_events = self._phase_events()  # added or removed mid-phase
 
     def _phase_events(self):
@@ -303,12 +304,12 @@ class Learner:
         return True
 
     def _loss_from_output(self):
-        "Take the loss (and the `logits` as `pred`) from the model's output, when it carries one"
-        loss = _output_field(self.pred, 'loss')
-        if not isinstance(loss, torch.Tensor): return None
-        logits = _output_field(self.pred, 'logits')
-        if logits is not None: self.pred = logits
-        return loss
+        "The loss the model's output carries (None without one); its `logits`, when it has them, become `pred`"
+        out = self.pred
+        logits = _output_field(out, 'logits')
+        if logits is not None: self.pred = logits  # with or without a loss: every batch gives the same kind of `pred`
+        loss = _output_field(out, 'loss')
+        return loss if isinstance(loss, torch.Tensor) else None
 
     def _batch_loss(self):
         "The loss of this batch from `loss_func` or from the model's output; None when it has none"
@@ -433,6 +434,7 @@ class Learner:
                 stack.enter_context(self.strategy.around_run(self))
                 for w in self.dispatch_wrappers:
                     if hasattr(w, 'around_run'): stack.enter_context(w.around_run(self))
+                for cb in self._run_contexts: stack.enter_context(cb.around_run(self))
                 self._with_events(f, _EV['fit'], CancelFitException, self._end_cleanup)
             ok = True
         except BaseException as e:
@@ -489,8 +491,10 @@ class Learner:
 
     def _check_fit(self, n_epoch, lr, wd, start_epoch, reset_opt, resume):
         "An error naming a bad argument of `fit`, or a learner that cannot fit now, before anything changes"
-        if not isinstance(n_epoch, int) or n_epoch < 0: raise ValueError(f"n_epoch must be an int >= 0, got {n_epoch!r}")
-        if not 0 <= start_epoch <= n_epoch: raise ValueError(f"start_epoch must be in [0, n_epoch], got {start_epoch}")
+        if not isinstance(n_epoch, int) or isinstance(n_epoch, bool) or n_epoch < 0:
+            raise ValueError(f"n_epoch must be an int >= 0, got {n_epoch!r}")
+        if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or not 0 <= start_epoch <= n_epoch:
+            raise ValueError(f"start_epoch must be an int in [0, n_epoch], got {start_epoch!r}")
         if resume is not None and (start_epoch or reset_opt):
             raise ValueError("resume= continues where the checkpoint was taken: do not pass start_epoch or reset_opt with it")
         if self.depth: raise RuntimeError("fit() was called during a fit/validate/get_preds (from a callback?): call it after that run ends")
@@ -575,6 +579,13 @@ def unfreeze(self:Learner):
     self.freeze_to(0)
 
 # %% ../nbs/06_learner.ipynb #053aeb3d
+@contextmanager
+def _keep_rng(dls):
+    "Leave the random generators (Python's, NumPy's, torch's, the loaders') as they were"
+    st = rng_state(dls)
+    try: yield
+    finally: set_rng_state(st, dls)
+
 @patch
 def _eval_dl(self:Learner, ds_idx=1, dl=None):
     "The loader to evaluate: `dl`, else `dls[ds_idx]`, with a clear error"
@@ -610,7 +621,8 @@ def validate(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (1: vali
              cbs=None): # Callbacks added for this call only
     "Validate on `dl` (default: `dls[ds_idx]`): returns `[valid_loss, *metrics]`"
     dl = self._eval_dl(ds_idx, dl); _warn_empty(dl)
-    with self.added_cbs(cbs), self.no_logging():
+    dls = [*self.dls, dl]  # iterating a loader draws from the random generators: leave them as they were
+    with _keep_rng(dls), self.added_cbs(cbs), self.no_logging():
         self.final_record = None
         self._validate_run(dl)
     return self.final_record
@@ -646,8 +658,7 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
                              with_preds=with_preds, with_targs=with_targs, concat_dim=concat_dim, act=act, decodes=decodes,
                              pickle_protocol=pickle_protocol, with_decoded=with_decoded and not dec_is_pred)
     with ExitStack() as stack:
-        dls = [*self.dls, dl]  # iterating a loader draws from the random generators: leave them as they were
-        stack.callback(set_rng_state, rng_state(dls), dls)
+        stack.enter_context(_keep_rng([*self.dls, dl]))  # as `validate`
         stack.enter_context(self.no_logging())
         stack.enter_context(self.removed_cbs([c for c in self.cbs if c.remove_on_fetch]))  # the epoch's books: see below
         stack.enter_context(self.added_cbs([*L(cbs), cb]))

@@ -5,6 +5,7 @@
 # %% ../nbs/02_recorder.ipynb #f8f20a0d
 from __future__ import annotations
 import importlib, time
+from contextlib import contextmanager
 from functools import partial
 import torch
 from fastcore.basics import store_attr, camel2snake, class2attr
@@ -257,7 +258,6 @@ class Recorder(Callback):
 
     def before_fit(self):
         "Prepare state for training (validation alone keeps the training history)"
-        self._unwind(self.learn.depth - 1)  # what a failed nested run left behind
         if self.learn.depth > 1: self._stash()  # a validate/get_preds inside a fit: keep the outer run's state
         self._train_cols,self._valid_cols = self._cols()
         self._row,self._phase_started = {},False
@@ -279,13 +279,15 @@ class Recorder(Callback):
             _,(self._row,self._train_cols,self._valid_cols,self._phase_started,self._t0),mets = stack.pop()
             for m,sd in mets: m.load_state_dict(sd)
 
-    def after_fit(self):
-        "Give the outer run its state back after a nested validation"
-        self._unwind(self.learn.depth - 1)
+    @contextmanager
+    def around_run(self, learn):
+        "Give the outer run its state back when a nested run ends, however it ends (a failure caught by a callback)"
+        try: yield
+        finally: self._unwind(learn.depth - 1)
 
-    def before_epoch(self): self._unwind(self.learn.depth); self._t0,self._row = time.time(),{}
-    def before_train(self): self._unwind(self.learn.depth); self._reset(self._train_cols)
-    def before_validate(self): self._unwind(self.learn.depth); self._reset(self._valid_cols)
+    def before_epoch(self): self._t0,self._row = time.time(),{}
+    def before_train(self): self._reset(self._train_cols)
+    def before_validate(self): self._reset(self._valid_cols)
     def _reset(self, cols):
         for _,m in cols: m.reset()
         self._phase_started,self._skip_batch = True,False  # (forget the gate of a batch cancelled in `after_batch`)
@@ -306,8 +308,8 @@ class Recorder(Callback):
         else:
             for _,m in self._valid_cols: m.accumulate(learn)
 
-    def after_train(self): self._unwind(self.learn.depth); self._record(self._train_cols)
-    def after_validate(self): self._unwind(self.learn.depth); self._record(self._valid_cols)
+    def after_train(self): self._record(self._train_cols)
+    def after_validate(self): self._record(self._valid_cols)
     def _record(self, cols):
         if not self._phase_started: return
         self._phase_started = False
@@ -317,7 +319,6 @@ class Recorder(Callback):
 
     def after_epoch(self):
         "Store and log the loss/metric values"
-        self._unwind(self.learn.depth)
         row,self._row = self._row,{}
         if not row: return  # nothing ran in this epoch: no stale row
         cols = [n for n,_ in self._train_cols + self._valid_cols]

@@ -112,6 +112,7 @@ def _has_hyper(pg, k):
 class ParamScheduler(Callback):
     "Schedule hyper-parameters according to `scheds`"
     order,run_valid,agree_cancels = 60,False,False
+    needs_len = True  # positions are fractions of the whole training: the number of batches must be known in advance
     def __init__(self, scheds:dict): # `{name: f(pos)}`: 'lr', 'mom', 'wd' or any param-group key, `f` from 0 to 1
         if not isinstance(scheds, dict) or not scheds:
             raise TypeError(f"ParamScheduler needs a dict {{hyper-parameter: schedule}}, e.g. {{'lr': SchedCos(1e-2, 1e-5)}}; got {scheds!r}")
@@ -122,7 +123,7 @@ class ParamScheduler(Callback):
     def before_fit(self):
         "Check the optimizer has every scheduled hyper-parameter, set their first values, start the records"
         learn = self.learn
-        if learn.fitting and len_or_none(learn.dls.train) is None:
+        if learn.fitting and self.needs_len and len_or_none(learn.dls.train) is None:
             raise ValueError("ParamScheduler (one-cycle and the other schedules) needs the number of training batches, and "
                              "the training loader has no len(): give its dataset a __len__ (an IterableDataset may define "
                              "one), or train without a schedule (learn.fit)")
@@ -300,6 +301,7 @@ class LRFinder(ParamScheduler):
     "Training with exponentially growing learning rate"
     agree_cancels = True  # it stops when *this rank's* loss diverges: under DDP the ranks agree to stop together
     progress_label = 'lr_find'  # the progress bar shows `lr_find 37/100` (batches of `progress_total`), no epochs
+    needs_len = False  # its position is its own count of batches (`num_it`): a stream works
     def __init__(self, start_lr=1e-7, # First learning rate (a number, or one per parameter group)
                  end_lr=10, # Last learning rate
                  num_it:int=100, # Number of batches
@@ -422,7 +424,8 @@ def lr_find(self:Learner, start_lr=1e-7, # First learning rate
         for f in suggest_funcs:
             if not callable(f): raise TypeError(f"suggest_funcs must be functions like valley or steep, got {f!r}")
     if show_plot: import_matplotlib('lr_find (or lr_find(show_plot=False))')  # before the search, not after it
-    n_epoch = cb.num_it//len(self.dls.train) + 1
+    n = len_or_none(self.dls.train)  # a stream: as many epochs as batches at most (the finder stops after `num_it`)
+    n_epoch = cb.num_it//n + 1 if n else cb.num_it
     state = _snapshot(self)
     try:
         with self.no_logging(): self.fit(n_epoch, cbs=cb)

@@ -5,6 +5,7 @@
 # %% ../nbs/10_training.ipynb #8dca24ae
 from __future__ import annotations
 import math, warnings
+from contextlib import contextmanager
 import torch
 from torch import nn
 from .core import *
@@ -142,7 +143,7 @@ class MixedPrecision(Callback):
         except TypeError as e: raise TypeError(f"MixedPrecision: bad GradScaler argument: {e}") from None
         self.use_scaler,self.scaler_kwargs,self.scaler_type = use_scaler,scaler_kwargs,None  # `scaler_type`: see below
         self.scaler,self.autocast,self.amp_dtype,self.skipped_steps = None,None,None,0
-        self._entered,self._fake,self._pending_sd,self._scaler_device = False,None,None,None
+        self._entered,self._fake,self._pending_sd,self._scaler_device = [],None,None,None  # `_entered`: see `_exit`
 
     def before_fit(self):
         "Check that `dtype` works on the data's device, prepare autocast and the scaler"
@@ -161,15 +162,25 @@ class MixedPrecision(Callback):
 
     def before_batch(self):
         "Enter autocast (not before a `fit` prepared it: `one_batch` outside a fit runs in full precision)"
-        if self.autocast is not None: self.autocast.__enter__(); self._entered = True
+        if self.autocast is None: return
+        ac = self.autocast if not self._entered else torch.autocast(self.autocast.device, dtype=self.amp_dtype)
+        ac.__enter__(); self._entered.append((self.learn.depth, ac))
     def after_pred(self): self.learn.pred = _to_float(self.learn.pred)
     def after_loss(self): self._exit()
 
-    def _exit(self):
-        "Leave autocast if we are in it (after the loss, or when the batch was cut short)"
-        if self._entered: self._entered = False; self.autocast.__exit__(None, None, None)
+    def _exit(self, depth=None):
+        "Leave the autocast that batches at `depth` (default: the current run's) or deeper entered"
+        depth = self.learn.depth if depth is None else depth
+        while self._entered and self._entered[-1][0] >= depth: self._entered.pop()[1].__exit__(None, None, None)
     # a batch cut short (a cancel, an error) skips `after_loss`: leave autocast at whichever event comes next
     after_cancel_batch = after_cancel_train = after_cancel_validate = after_cancel_epoch = after_fit = after_exception = _exit
+
+    @contextmanager
+    def around_run(self, learn):
+        "Leave the autocast of this run's batches when it ends, however it ends (a nested run that failed in a batch)"
+        depth = learn.depth
+        try: yield
+        finally: self._exit(depth)
 
     def before_backward(self):
         "Scale the loss"

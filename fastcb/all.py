@@ -36,12 +36,14 @@ _modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.op
 _building_blocks = {
     fastcb.core: 'inner_events suggest_event add_note defines run_cbs sort_cbs mk_cbs',
     fastcb.data: 'tree_tensors remake tree_map shapes len_or_none check_dl is_plain',
-    fastcb.sharded: '*', fastcb.resume: '*', fastcb.inference: '*', fastcb.shard: '*',
+    fastcb.sharded: '*', fastcb.resume: '*', fastcb.inference: '*', fastcb.shard: '* -ShardedStream',
     fastcb.recorder: 'format_time format_value unique_names import_matplotlib',
     fastcb.optim: 'norm_params no_decay_params make_opt split_no_decay group_values check_hyper set_group_hyper freeze_groups',
     fastcb.checkpoint: ('loader_generators rng_state set_rng_state clean_stale_tmp atomic_save model_state load_model_state '
                         'check_state_dict opt_info check_opt_state shards_name cb_keys checkpoint_names checkpoint_run '
-                        'checkpoint_state cb_settings opt_hypers run_identity run_fingerprint seal check_seal put_at'),
+                        'checkpoint_state cb_settings opt_hypers run_identity run_fingerprint seal check_seal put_at '
+                        'shards_folder shards_of remove_shards sweep_orphan_shards weights_fingerprint data_fingerprint '
+                        'run_world_size global_batches checkpoint_final'),
     fastcb.preds: 'ordered_dl check_reducible',
     fastcb.strategy: 'strategy_registry',
     fastcb.schedule: 'valley slide minimum steep',

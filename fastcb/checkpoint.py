@@ -8,7 +8,7 @@ import errno, inspect, io, os, random, re, shutil, sys, time, warnings, zlib
 from collections import OrderedDict
 from pathlib import Path
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from .core import *
 from .data import *
 from .sharded import *
@@ -16,9 +16,11 @@ from .sharded import *
 # %% auto #0
 __all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'clean_stale_tmp', 'atomic_save', 'CheckpointStorage',
            'LocalStorage', 'MemoryStorage', 'model_state', 'load_model_state', 'check_state_dict', 'opt_info',
-           'check_opt_state', 'shards_name', 'save_model', 'load_model', 'cb_keys', 'checkpoint_names',
-           'checkpoint_files', 'checkpoint_run', 'checkpoint_state', 'cb_settings', 'opt_hypers', 'run_identity',
-           'run_fingerprint', 'seal', 'check_seal', 'put_at', 'CheckpointCallback']
+           'check_opt_state', 'shards_name', 'shards_folder', 'shards_of', 'remove_shards', 'sweep_orphan_shards',
+           'save_model', 'load_model', 'cb_keys', 'checkpoint_names', 'checkpoint_files', 'checkpoint_run',
+           'checkpoint_final', 'checkpoint_state', 'cb_settings', 'opt_hypers', 'weights_fingerprint',
+           'data_fingerprint', 'run_world_size', 'global_batches', 'run_identity', 'run_fingerprint', 'seal',
+           'check_seal', 'put_at', 'CheckpointCallback']
 
 # %% ../nbs/04_checkpoint.ipynb #97df96ac
 def loader_generators(dls):
@@ -205,20 +207,23 @@ def load_model_state(model, # A `nn.Module`, compiled or not
 
 # %% ../nbs/04_checkpoint.ipynb #1f29cee2
 def check_state_dict(model, sd, strict, file):
-    "Raise, naming `file` and the mismatch, when `sd` does not fit `model` (before anything is changed)"
+    "Raise, naming `file` and the mismatch, when `sd` does not fit `model`; with `strict=False`, the keys of other shapes"
     if not isinstance(sd, dict): raise TypeError(f"'{file}' does not hold a model state dict (got {type(sd).__name__})")
     own,sd = model_state(model),{_plain_key(k): v for k,v in sd.items()}
     missing,unexpected = [k for k in own if k not in sd],[k for k in sd if k not in own]
     if any(not isinstance(sd[k], torch.Tensor) for k in own if k in sd):
         raise TypeError(f"'{file}' does not hold a model state dict: some values are not tensors")
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k,v in own.items()
-              if k in sd and isinstance(sd[k], torch.Tensor) and sd[k].shape != v.shape]
+    other = [k for k,v in own.items() if k in sd and sd[k].shape != v.shape]
+    if not strict: return other  # left as they are, named in a warning (fine-tuning a model with another head)
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in other]
     msg = []
-    if strict and missing: msg.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    if strict and unexpected: msg.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if missing: msg.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    if unexpected: msg.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     if shapes: msg.append("shape mismatch " + '; '.join(shapes[:5]))
-    if msg: raise RuntimeError(f"Checkpoint '{file}' does not fit this model: {', '.join(msg)}. "
-                               f"Was it saved from a different model? (use strict=False to load only matching keys)")
+    if msg: raise RuntimeError(f"Checkpoint '{file}' does not fit this model: {', '.join(msg)}. Was it saved from a "
+                               f"different model? To load only the weights whose names and shapes match (fine-tuning a "
+                               f"model with another head), pass strict=False: the others stay as they are, named in a warning")
+    return []
 
 # %% ../nbs/04_checkpoint.ipynb #7a04c754
 _param_shaped = {'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'momentum_buffer', 'square_avg', 'acc_delta', 'sum',
@@ -277,9 +282,24 @@ def _barrier():
     d = torch.distributed
     if d.is_available() and d.is_initialized(): d.barrier()
 
-def shards_name(name): # The name of a file (`checkpoint_....pth`, `model.pth`)
-    "The name of the folder of shards of the sharded save `name`: its suffix replaced by `.shards`"
-    return re.sub(r'\.[^./]*$', '', str(name)) + '.shards'
+def shards_name(name, # The name of a file (`checkpoint_....pth`, `model.pth`)
+                token:str|None=None): # 8 hex digits that make the folder new (None: the name of older saves)
+    "The name of a folder of shards of the sharded save `name`: its suffix replaced by `.<token>.shards` (or `.shards`)"
+    return re.sub(r'\.[^./]*$', '', str(name)) + (f'.{token}' if token else '') + '.shards'
+
+def _shards_re(name):
+    "The names the shards folders of the save `name` can have, beside it: `<stem>.shards` or `<stem>.<8 hex>.shards`"
+    return re.compile(re.escape(Path(shards_name(name)).name[:-len('.shards')]) + r'(\.[0-9a-f]{8})?\.shards')
+
+def shards_folder(name, # The name of a sharded save or checkpoint (`model.pth`)
+                  state:dict): # What it holds, as loaded
+    "The folder of shards the object `name` names (beside it): `state['shards_folder']`, or `shards_name(name)` for older files"
+    f = state.get('shards_folder') if isinstance(state, dict) else None
+    if f is None: return shards_name(name)
+    if not isinstance(f, str) or not _shards_re(name).fullmatch(f):
+        raise ValueError(f"'{name}' is corrupt: it names {f!r} as its folder of shards, not a name fastcb writes beside it")
+    parent = str(name).rpartition('/')[0]
+    return f'{parent}/{f}' if parent else f
 
 def _stored(file, storage):
     "`(storage, name)` of `file`: a name in `storage`, or, without one, a local path"
@@ -287,18 +307,69 @@ def _stored(file, storage):
     file = Path(file)
     return LocalStorage(file.parent),file.name
 
+def _age(storage, name):
+    "Seconds since folder `name` last changed (its last file was written), or None when `storage` cannot tell"
+    p = storage.uri(name)
+    if not isinstance(p, Path): return None
+    try: return time.time() - os.lstat(p).st_mtime
+    except OSError: return None
+
+def shards_of(storage:CheckpointStorage, # The storage of the save
+              name:str): # The name of a save (`model.pth`, `checkpoint_....pth`)
+    "The folders of shards beside `name` that belong to it, whatever their token (names in `storage`)"
+    parent,pat = str(name).rpartition('/')[0],_shards_re(name)
+    return [f'{parent}/{f}' if parent else f for f in storage.list(parent) if pat.fullmatch(f)]
+
+def remove_shards(storage:CheckpointStorage, # The storage of the save
+                  name:str, # The name of a save (`model.pth`, `checkpoint_....pth`)
+                  keep:str|None=None, # A folder to spare: the one the object `name` names now
+                  age:float|None=None, # Spare folders changed in the last `age` seconds (None: spare none)...
+                  old=()): # ...unless they are in `old` (those there before this save began)
+    "Delete the folders of shards of `name` but `keep`: those of its previous saves, and orphans of killed ones"
+    for f in shards_of(storage, name):
+        if f == keep: continue
+        a = None if age is None or f in old else _age(storage, f)
+        if a is None or a > age: storage.remove(f)
+
 def _save_sharded(storage, name, model, opt, full):
-    "`save_model` for a sharded model, on every process: gathered into a plain object on rank 0, or one and its shards"
+    "`save_model` for a sharded model, on every process: shards into a new folder, then the object naming it (the commit)"
+    rank0 = dist_rank() == 0
+    before = set(shards_of(storage, name)) if rank0 else set()
     if full:
         msd,osd = full_state(model, opt)
-        if dist_rank() == 0: storage.save(msd if opt is None else {'model': msd, 'opt': osd, 'opt_info': opt_info(opt)}, name)
+        if rank0: storage.save(msd if opt is None else {'model': msd, 'opt': osd, 'opt_info': opt_info(opt)}, name)
     else:
-        man = save_shards(shard_payload(model, opt), shards_name(name), storage=storage)
-        if dist_rank() == 0:
+        folder = shards_name(name, os.urandom(4).hex())  # new: the previous save stays whole until the commit
+        man = save_shards(shard_payload(model, opt), folder, storage=storage)  # (rank 0's name, on every process)
+        if rank0:
             storage.save({'format': 'fastcb.sharded', 'model': skeleton(model_state(model)), 'shards': man,
-                          'opt': None if opt is None else skeleton(opt.state_dict()),
-                          'opt_info': None if opt is None else opt_info(opt)}, name)
+                          'shards_folder': Path(folder).name, 'opt': None if opt is None else skeleton(opt.state_dict()),
+                          'opt_info': None if opt is None else opt_info(opt)}, name)  # the commit point
+    if rank0:  # then the previous save's folder, orphans of this name and of others left by kills
+        remove_shards(storage, name, keep=None if full else folder, age=60., old=before)
+        sweep_orphan_shards(storage, str(name).rpartition('/')[0])
     _barrier()  # the file exists for every process once `save` returns
+
+def sweep_orphan_shards(storage:CheckpointStorage, # The storage
+                        folder:str='', # The folder to sweep ('': the root)
+                        age:float=60.): # Only folders unchanged for this many seconds (a writer may be about to commit)
+    "Delete the folders of shards in `folder` that no saved object names (left by a process killed before its commit)"
+    names = set(storage.list(folder))
+    groups = {}
+    for f in names:
+        m = re.fullmatch(r'(.+?)(\.[0-9a-f]{8})?\.shards', f)
+        if m and m[2]: groups.setdefault(m[1], []).append(f)  # (only new names: a folder `x.shards` may be a user's)
+    for stem,fs in groups.items():
+        owners = [n for n in names if re.sub(r'\.[^./]*$', '', n) == stem and not n.endswith('.shards')]
+        used = set()
+        if len(owners) == 1 and len(fs) > 1:  # which one its object names
+            try: used.add(Path(shards_folder(owners[0], storage.load(f'{folder}/{owners[0]}' if folder else owners[0]))).name)
+            except Exception: continue  # unreadable: leave it to that name's next save
+        elif owners: used = set(fs)
+        for f in fs:
+            full = f'{folder}/{f}' if folder else f
+            a = _age(storage, full)
+            if f not in used and a is not None and a > age: storage.remove(full)
 
 def save_model(file, # The file to write (a name in `storage` when one is given)
                model, # A `nn.Module`
@@ -309,8 +380,9 @@ def save_model(file, # The file to write (a name in `storage` when one is given)
     "Save `model` (and `opt`) to `file`, atomically; a sharded model on every process"
     storage,name = _stored(file, storage)
     if is_sharded(model): return _save_sharded(storage, name, model, opt if with_opt else None, full)
-    sd = model_state(model)
+    sd,before = model_state(model),set(shards_of(storage, name))
     storage.save({'model': sd, 'opt': opt.state_dict(), 'opt_info': opt_info(opt)} if with_opt and opt is not None else sd, name)
+    if before: remove_shards(storage, name, age=60., old=before)  # a sharded save's folder, replaced by this plain file
 
 def _load_sharded_file(storage, name, state, model, opt):
     "Load the object and shards `save_model` wrote for a sharded model (into a sharded model, or a plain one)"
@@ -319,8 +391,9 @@ def _load_sharded_file(storage, name, state, model, opt):
     if opt is not None and state['opt'] is not None:
         if not isinstance(opt, torch.optim.Optimizer): opt = opt()
         check_opt_state(opt, state['opt'], file, state.get('opt_info'))
-    check_shards(shards_name(name), state['shards'], f"'{file}'", storage)
-    load_shards(shards_name(name), model, opt if state['opt'] is not None else None, storage=storage)
+    folder = shards_folder(name, state)
+    check_shards(folder, state['shards'], f"'{file}'", storage)
+    load_shards(folder, model, opt if state['opt'] is not None else None, storage=storage)
 
 def _read_saved(storage, name, device):
     "What `save_model` wrote under `name`, read with `weights_only=True`; an error names the file"
@@ -336,7 +409,7 @@ def load_model(file, # The file `save_model` wrote (a name in `storage` when one
                model, # The `nn.Module` to load into
                opt=None, # Its optimizer (or a function returning it), loaded when the file has one (None: skipped)
                device=None, # Where to load the tensors
-               strict:bool=True, # Require the model's keys to match exactly
+               strict:bool=True, # Require the model's keys and shapes to match (False: load those that match, warn)
                storage:CheckpointStorage|None=None): # Where to read (None: the local file system)
     "Load `file` into `model` (and `opt`), after checking that it fits: on an error nothing has changed"
     storage,name = _stored(file, storage)
@@ -345,18 +418,20 @@ def load_model(file, # The file `save_model` wrote (a name in `storage` when one
         return _load_sharded_file(storage, name, state, model, opt)
     has_opt = isinstance(state, dict) and {'model', 'opt'} <= set(state) <= {'model', 'opt', 'opt_info'}
     model_sd = state['model'] if has_opt else state
-    check_state_dict(model, model_sd, strict, file)
-    if opt is not None and has_opt:
+    skipped = check_state_dict(model, model_sd, strict, file)
+    model_sd = {k: v for k,v in model_sd.items() if _plain_key(k) not in skipped}
+    if opt is not None and has_opt and not skipped:
         if not isinstance(opt, torch.optim.Optimizer): opt = opt()
         check_opt_state(opt, state['opt'], file, state.get('opt_info'))
     if is_sharded(model):  # every process read the plain file: each keeps its slices
-        return load_full_state(model, {_plain_key(k): v for k,v in model_sd.items()}, opt if has_opt else None,
+        return load_full_state(model, {_plain_key(k): v for k,v in model_sd.items()}, opt if has_opt and not skipped else None,
                                state['opt'] if has_opt else None, strict)
     missing,unexpected = load_model_state(model, model_sd, strict=strict)
-    if missing or unexpected:
+    if missing or unexpected or skipped:
         warnings.warn(f"load('{file}', strict=False) left {len(missing)} weight(s) of the model as they were {missing[:8]} "
-                      f"and ignored {len(unexpected)} of the file {unexpected[:8]}")
-    if opt is not None and has_opt: opt.load_state_dict(state['opt'])
+                      f"(of which {len(skipped)} of another shape in the file {skipped[:8]}) and ignored {len(unexpected)} "
+                      f"of the file {unexpected[:8]}" + (": the optimizer state was not loaded" if skipped and has_opt and opt is not None else ''))
+    if opt is not None and has_opt and not skipped: opt.load_state_dict(state['opt'])
 
 # %% ../nbs/04_checkpoint.ipynb #20cd6039
 def cb_keys(cbs):
@@ -388,11 +463,16 @@ def checkpoint_files(folder): # A local folder
     "The checkpoint files (`checkpoint_<seq>_....pth`) in `folder`, oldest first"
     return [Path(folder)/n for n in checkpoint_names(LocalStorage(folder))]
 
-_name_re = re.compile(r'^checkpoint_(\d+)_(?:([0-9a-f]{8})([0-9a-f]{4})_)?epoch(\d+)_(?:end|iter\d+)(_nonfinite)?\.pth$')
+_name_re = re.compile(r'^checkpoint_(\d+)_(?:([0-9a-f]{8})([0-9a-f]{4})_)?epoch(\d+)_(end|final|iter\d+)(_nonfinite)?\.pth$')
 def checkpoint_run(file):
     "The run tag in a checkpoint's file name (its fingerprint and 4 random hex digits), or None"
     m = _name_re.match(Path(file).name)
     return None if m is None or m[2] is None else m[2] + m[3]
+
+def checkpoint_final(file):
+    "Whether a checkpoint's file name says it was taken at the end of its fit's last epoch (`..._final.pth`)"
+    m = _name_re.match(Path(file).name)
+    return m is not None and m[5] == 'final'
 
 # %% ../nbs/04_checkpoint.ipynb #44120f5d
 def _cb_states(cbs):
@@ -416,7 +496,8 @@ def checkpoint_state(learn, # A `Learner` in a fit
             'opt_info': None if learn.opt is None else opt_info(learn.opt),
             'grads': grads if any(g is not None for g in grads) else None, 'cbs': _cb_states(learn.cbs),
             'loop': {'n_epoch': learn.n_epoch, 'epoch': learn.epoch, 'batch': batch, 'n_iter': len_or_none(learn.dls.train),
-                     'train_iter': learn.train_iter, 'pct_train': learn.pct_train},
+                     'train_iter': learn.train_iter, 'pct_train': learn.pct_train,
+                     **({'world_size': ws} if (ws := run_world_size(learn)) != 1 else {})},  # (absent: one process)
             'rng': rng_state(learn.dls), 'rng_epoch': None if batch is None else learn.epoch_rng}
 
 # %% ../nbs/04_checkpoint.ipynb #2ef53e8d
@@ -451,16 +532,105 @@ def _model_signature(model):
     sig = repr([(k, tuple(v.shape), str(v.dtype)) for k,v in model_state(model).items()])
     return f'{zlib.crc32(sig.encode()):08x}'
 
-def run_identity(learn, # The `Learner` about to fit (it has an optimizer)
+def weights_fingerprint(model): # A `nn.Module`
+    "8 hex digits of `model`'s weights (up to 1024 values of each tensor, read in one transfer); None for a sharded model"
+    if is_sharded(model): return None  # each process holds slices: hashing them all would need every process
+    try:
+        parts = [v.detach().reshape(-1) for v in model_state(model).values() if isinstance(v, torch.Tensor) and v.numel()]
+        parts = [p[::max(1, p.numel()//1024)][:1024].to(torch.float64) for p in parts]
+        return f'{zlib.crc32(torch.cat(parts).cpu().numpy().tobytes()) if parts else 0:08x}'
+    except Exception: return None  # (weights on the meta device, of a dtype without float64...)
+
+def _item_crc(o, crc=0):
+    "A CRC32 of a dataset item: its tensors, arrays, numbers and strings; other objects by their type only"
+    np = sys.modules.get('numpy')
+    if np is not None and isinstance(o, np.ndarray) and o.dtype != object: o = torch.from_numpy(np.ascontiguousarray(o))
+    if isinstance(o, torch.Tensor):
+        t = o.detach().cpu().contiguous()
+        crc = zlib.crc32(f'T{t.dtype}{tuple(t.shape)}'.encode(), crc)
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc) if t.numel() else crc
+    if isinstance(o, (bool, int, float, str, bytes, type(None))) or (np is not None and isinstance(o, np.generic)):
+        return zlib.crc32(repr(o).encode(), crc)
+    if isinstance(o, dict):
+        for k,v in o.items(): crc = _item_crc(v, zlib.crc32(repr(k).encode(), crc))
+        return crc
+    if isinstance(o, (list, tuple)):
+        for v in o: crc = _item_crc(v, zlib.crc32(b'[', crc))
+        return crc
+    return zlib.crc32(type(o).__qualname__.encode(), crc)  # (an image object's repr holds its address)
+
+def _read_items(ds, idx):
+    "The CRC32 of items `idx` of `ds`, read with the random generators seeded and then put back as they were"
+    np = sys.modules.get('numpy')
+    py,nps = random.getstate(),(np.random.get_state() if np is not None else None)
+    with torch.random.fork_rng(devices=[]):  # (torch's CPU generator; CUDA's are left alone)
+        try:
+            torch.default_generator.manual_seed(0); random.seed(0)
+            if np is not None: np.random.seed(0)
+            crc = 0
+            for i in idx: crc = _item_crc(ds[i], crc)
+            return crc
+        finally:
+            random.setstate(py)
+            if np is not None: np.random.set_state(nps)
+
+def _positions(idx):
+    "Indices (a list, range or tensor of ints) as a sorted tensor, or None"
+    try: return torch.as_tensor(idx if isinstance(idx, torch.Tensor) else list(idx), dtype=torch.long).reshape(-1).sort().values
+    except Exception: return None
+
+def _subset(dl, n):
+    "The sorted dataset positions `dl`'s sampler draws from when they are not all of them (`SubsetRandomSampler`), or None"
+    idx = getattr(getattr(dl, 'sampler', None), 'indices', None)
+    t = None if idx is None else _positions(idx)
+    return None if t is None or (len(t) == n and torch.equal(t, torch.arange(n))) else t
+
+def data_fingerprint(dl): # A training loader
+    "`{'items', 'crc'}`: how many items `dl` draws from, and 8 hex digits of five of them and of which (None: not known)"
+    ds = getattr(dl, 'dataset', None)
+    try: n = None if ds is None or isinstance(ds, IterableDataset) else len(ds)
+    except TypeError: n = None
+    if n is None: return {'items': None, 'crc': None}
+    sub = _subset(dl, n)
+    pos = sub if sub is not None else torch.arange(n)
+    if not len(pos): return {'items': 0, 'crc': None}
+    picks = sorted({int(pos[i*(len(pos)-1)//4]) for i in range(5)})
+    try: a,b = _read_items(ds, picks),_read_items(ds, picks)
+    except Exception: a,b = None,None
+    crc = a if a is not None and a == b else None  # items that differ at each read (unseeded augmentation) are left out
+    within = _positions(ds.indices) if isinstance(ds, Subset) else None  # a fold as a `Subset`: which items exactly
+    for t in (sub, within):
+        if crc is not None and t is not None: crc = zlib.crc32(t.numpy().tobytes(), crc)
+    return {'items': len(pos), 'crc': None if crc is None else f'{crc:08x}'}
+
+def run_world_size(learn):
+    "The number of processes `learn` trains on: torch.distributed's world size under `distrib_ctx`, else 1"
+    d = torch.distributed
+    on = getattr(getattr(learn, 'strategy', None), 'distributed', False) and d.is_available() and d.is_initialized()
+    return d.get_world_size() if on else 1
+
+def global_batches(learn, # A `Learner`
+                   items:int|None=None): # The training items (`data_fingerprint`), when known
+    "The training batches per epoch of all the processes together, as one process would draw them with this batch size"
+    dl = learn.dls.train
+    bs = getattr(dl, 'batch_size', None)
+    if items is not None and isinstance(bs, int) and bs > 0 and not isinstance(bs, bool):
+        return items//bs if getattr(dl, 'drop_last', False) else -(-items//bs)
+    n = len_or_none(dl)
+    return None if n is None else n*run_world_size(learn)
+
+def run_identity(learn, # The `Learner` about to fit (it has an optimizer), its weights those the fit starts from
                  n_epoch:int): # The fit's number of epochs
     "What a fit of `learn` for `n_epoch` epochs was asked for, as plain values (the hyper-parameters apart)"
+    data = data_fingerprint(learn.dls.train)
     return {'model': _model_signature(learn.model), 'opt': opt_info(learn.opt), 'n_epoch': n_epoch,
-            'n_iter': len_or_none(learn.dls.train),
-            'cbs': {k: [type(cb).__qualname__, cb_settings(cb)] for k,cb in cb_keys(learn.cbs) if not cb.rank0_only}}
+            'n_iter': global_batches(learn, data['items']), 'data': data, 'init': weights_fingerprint(learn.model),
+            'cbs': {k: [type(cb).__qualname__, cb_settings(cb)] for k,cb in cb_keys(learn.cbs)
+                    if not cb.rank0_only and getattr(cb, 'in_run_identity', True)}}
 
 def run_fingerprint(identity):
-    "8 hex digits that tell runs apart (in checkpoint file names): of the model, optimizer, `n_epoch` and batches per epoch"
-    return f"{zlib.crc32(repr({k: v for k,v in identity.items() if k != 'cbs'}).encode()):08x}"
+    "8 hex digits that tell runs apart (in checkpoint file names): of the model, optimizer, `n_epoch`, batches and data"
+    return f"{zlib.crc32(repr({k: v for k,v in identity.items() if k not in ('cbs', 'init')}).encode()):08x}"
 
 # %% ../nbs/04_checkpoint.ipynb #6e4f8358
 def _crc(obj, crc=0):
@@ -552,16 +722,17 @@ class CheckpointCallback(Callback):
     def __init__(self, every_n_iters:int|None=None, # Write a checkpoint every this many training batches (None: never)
                  every_epoch:bool=True, # Write a checkpoint at the end of every epoch
                  path='checkpoints', # Folder of the checkpoints (relative to `learn.path`), without `storage`
-                 keep:int|None=2, # How many of this run's latest checkpoints to keep (None: all)
+                 keep:int|None=2, # How many of this run's latest checkpoints to keep (None: all, of every run)
                  storage:CheckpointStorage|None=None): # Where the checkpoints go (None: the local folder `path`)
-        if every_n_iters is not None and (not isinstance(every_n_iters, int) or every_n_iters < 1):
-            raise ValueError(f"every_n_iters must be a positive int or None, got {every_n_iters!r}")
-        if keep is not None and (not isinstance(keep, int) or keep < 1):
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # (True is an int)
+        if every_n_iters is not None and not count(every_n_iters):
+            raise ValueError(f"every_n_iters must be a positive int (a number of batches) or None, got {every_n_iters!r}")
+        if keep is not None and not count(keep):
             raise ValueError(f"keep must be a positive int (or None to keep every checkpoint), got {keep!r}")
         if every_n_iters is None and not every_epoch:
             raise ValueError("CheckpointCallback would never write: set every_n_iters=<batches> and/or every_epoch=True")
         self.every_n_iters,self.every_epoch,self.path,self.keep,self.last = every_n_iters,every_epoch,Path(path),keep,None
-        self.given_storage,self.tag,self.run_info,self._history = storage,None,None,_History()
+        self.given_storage,self.tag,self.run_info,self.fresh,self._history = storage,None,None,False,_History()
 
     @property
     def folder(self):
@@ -578,14 +749,16 @@ class CheckpointCallback(Callback):
         "This fit's run: its identity, and its tag (the resumed run's when `fit(resume=...)` continues one of this identity)"
         learn = self.learn
         if not learn.fitting or learn.opt is None: return
-        identity = run_identity(learn, learn.n_epoch)
-        fp,plan = run_fingerprint(identity),learn.resume_plan
-        run = plan.run if plan is not None else None
+        plan = learn.resume_plan
+        identity = plan.identity if plan is not None else run_identity(learn, learn.n_epoch)
+        fp,run = run_fingerprint(identity),(plan.run if plan is not None else None)
         tag = run.get('tag') if run is not None else None
-        self.tag = tag if isinstance(tag, str) and tag[:8] == fp else fp + os.urandom(2).hex()
+        self.fresh = not (isinstance(tag, str) and tag[:8] == fp)
+        self.tag = fp + os.urandom(2).hex() if self.fresh else tag
+        if not self.fresh: identity = {**identity, 'init': run.get('static', {}).get('init', identity.get('init'))}  # the run's own
         self.run_info = {'tag': self.tag, 'static': identity, 'hypers': opt_hypers(learn.opt)}
         self._history = _History()
-        if self.tag == tag: self._history.refs = dict(plan.history_refs)  # continuing the run: its side files hold the beginning
+        if not self.fresh: self._history.refs = dict(plan.history_refs)  # continuing the run: its side files hold the beginning
         self._history.adopted = {c for chunks,_,_ in self._history.refs.values() for c in chunks}
 
     def after_batch(self):
@@ -598,22 +771,42 @@ class CheckpointCallback(Callback):
         if self.every_epoch and self.learn.fitting: self.learn.request_checkpoint(self._write)
 
     def _write(self, state):
-        "Write `state` (sealed, with the run) atomically under the next name, then delete this run's oldest beyond `keep`"
+        "Write `state` (sealed, with the run) atomically under the next name, then tidy the folder (`keep`, orphans)"
         if self.tag is None: self.before_fit()
         st,lp = self.storage,state['loop']
         names = checkpoint_names(st)
         seq = int(names[-1].split('_')[1]) + 1 if names else 1
-        where = 'end' if lp['batch'] is None else f"iter{lp['train_iter']}"
+        where = f"iter{lp['train_iter']}" if lp['batch'] is not None else 'final' if lp['epoch'] + 1 >= lp['n_epoch'] else 'end'
         finite = state.pop('finite') if 'finite' in state else _finite_state(state['model'])
         name = f"checkpoint_{seq:06d}_{self.tag}_epoch{lp['epoch']}_{where}{'' if finite else '_nonfinite'}.pth"
-        # a sharded model (FSDP): every process writes its shards now, together, into the folder beside the checkpoint
-        if 'write_shards' in state: state['shards'] = state.pop('write_shards')(shards_name(name), st)
+        if 'write_shards' in state:  # a sharded model (FSDP): every process writes its shards now, into a new folder
+            folder = shards_name(name, os.urandom(4).hex())
+            state['shards'],state['shards_folder'] = state.pop('write_shards')(folder, st),Path(folder).name
         state['run'] = self.run_info
         state['optional_cbs'] = [k for k,cb in cb_keys(self.learn.cbs) if getattr(cb, 'state_optional', False)]
         self._history.files[name] = self._history.stash(state, st, self.tag, seq, self.history_min)
         st.save(seal(state), name)  # the commit point: the checkpoint exists once this object does
         self.last = st.uri(name)
-        if self.keep is not None: self._rotate()
+        if self.keep is not None:
+            if self.fresh: self._remove_finished(st)
+            self._rotate()
+        self.fresh = False
+        sweep_orphan_shards(st)  # shards folders left by a process killed before its checkpoint, a minute old
+
+    def _remove(self, st, n):
+        "Delete checkpoint `n`: its object first (the checkpoint is gone), then its shards (orphans until then)"
+        st.remove(n)
+        remove_shards(st, n)
+
+    def _remove_finished(self, st):
+        "A new run's first checkpoint: delete the checkpoints of the runs in the folder that finished (`..._final`)"
+        names = checkpoint_names(st)
+        newest = {checkpoint_run(n): n for n in names}
+        done = {t for t,n in newest.items() if t is not None and t != self.tag and checkpoint_final(n)}
+        for n in names:
+            if checkpoint_run(n) in done: self._remove(st, n)
+        for n in st.list():
+            if n.startswith('history_') and n[8:20] in done: st.remove(n)
 
     def _rotate(self):
         "Delete this run's checkpoints beyond the `keep` newest, sparing the newest finite one, and unneeded side files"
@@ -623,9 +816,7 @@ class CheckpointCallback(Callback):
         if all(n.endswith('_nonfinite.pth') for n in kept):
             good = [n for n in old if not n.endswith('_nonfinite.pth')]
             if good: old.remove(good[-1])
-        for n in old:
-            st.remove(n)
-            st.remove(shards_name(n))  # a sharded checkpoint's shards
+        for n in old: self._remove(st, n)
         self._history.clean(st, self.tag, [n for n in own if n not in old])
 
     def latest_checkpoint(self):

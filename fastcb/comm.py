@@ -352,6 +352,13 @@ class StatusBoard:
             if ok or time.monotonic() > end: return ok
             time.sleep(0.05)
 
+    def _news(self, v):
+        "How long process status `v` had been where it was at its last news, and how long ago that was"
+        beat = v.get('beat') or time.time()
+        res = f", for {max(0., beat - v['since']):.0f} s" if v.get('since') else ''
+        stale = time.time() - beat > 3*self.interval + 2
+        return res + f" (last news {_ago(beat)} ago{': gone, or stuck outside Python' if stale else ''})"
+
     def report(self):
         "Where every process is, as the store says (this one: as it is now), one line each"
         res = []
@@ -363,9 +370,5 @@ class StatusBoard:
             except Exception as e: v = {'where': f"unknown (the store cannot be read: {str(e)[:100]})", 'since': None}
             if v is None: res.append(f"rank {r}: no news (it has not reached distrib_ctx, or no store)"); continue
             line = f"rank {r}: {'failed at ' if f else ''}{v['where']}"
-            if v['since'] and not f: line += f", for {_ago(v['since'])}"
-            if f: line += f": {f['error']}"
-            elif v.get('beat') and time.time() - v['beat'] > 3*self.interval + 2:
-                line += f" (no news for {_ago(v['beat'])}: gone, or stuck outside Python)"
-            res.append(line)
+            res.append(line + (f": {f['error']}" if f else self._news(v)))
         return '\n'.join(res)

@@ -133,6 +133,7 @@ class Callback:
     run_before,run_after = (),()  # fastcb: callbacks (classes or names) this one must run before/after
     remove_on_fetch = False  # `FetchPredsCallback` runs its predictions without this callback
     rank0_only = False  # under distributed training, acts on rank 0 only (writes files, prints)
+    in_run_identity = True  # its settings tell runs apart in checkpoints ("Checkpoints" chapter); False: it comes and goes
     agree_cancels = True  # under distributed training, its Cancel*Exceptions are agreed between ranks
 
     def __init__(self, **event_funcs):

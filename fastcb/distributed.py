@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_distributed.ipynb #3fdfe9ef
 from __future__ import annotations
-import os, sys, warnings, zlib
+import os, re, sys, warnings, zlib
 from pathlib import Path
 from types import SimpleNamespace
 from contextlib import contextmanager
@@ -58,7 +58,7 @@ def _wrap(model, device, ddp_kwargs):
 # %% ../nbs/14_distributed.ipynb #7997d444
 class DistributedCallback(Callback):
     "Train with `DistributedDataParallel`, evaluate exactly on shards (added by `Learner.distrib_ctx`)"
-    order,agree_cancels = -20,False
+    order,agree_cancels,in_run_identity = -20,False,False  # present or not, the run is the same
     def __init__(self, device, # The device of this process
                  ctrl=None, # The gloo group of the sync points (`sync`), for nothing else; `None`: the default group
                  group=None, # A gloo group for fastcb's other small messages; `None`: the default group
@@ -141,11 +141,19 @@ class DistributedCallback(Callback):
                                            f"one {n}): their training loaders differ in length. Give every process as many batches")
         _sum_train_metrics(self.learn, self.group, self.warned)
 
+    def agree_batch(self, has:bool): # Whether this process has another training batch
+        "Whether every process has another batch of its stream (one all-reduce of one integer): `StreamLoader.agree`"
+        t = torch.tensor([int(has)])
+        self.pos.doing = 'checking that every process has another batch of its stream'
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        self.pos.doing = None
+        return bool(t.item())
+
     def gather_parts(self, parts, names, dim=0):
         "Gather the tensors of the structures `parts` from every process: interleaved in dataset order, padding dropped"
         learn = self.learn
         sh,bs = shard_of(learn.dl),getattr(learn.dl, 'batch_size', None)
-        keep = sh.n_real(learn.iter, self.n_local, bs) if sh is not None and bs else None
+        keep = sh.n_real(learn.iter, self.n_local, bs) if sh is not None and sh.n is not None and bs else None
         self.pos.doing = f"gathering the {names[0]}"
         res = gather_tree(parts, names, self.group, dim, keep, self.n_local)
         self.pos.doing = None  # (after an error, kept for the report)
@@ -222,6 +230,12 @@ def _mark(e):
 
 def _first_line(e): return (str(e).strip().splitlines() or [''])[0][:300]
 
+def _closed_note(e):
+    "What a connection closed by another process means, for the error of a failed collective (else '')"
+    if not re.search(r'connection (closed|reset)|broken pipe', str(e), re.I): return ''
+    return ("A closed connection: another process ended (killed, out of memory...) or gave up its groups; its line "
+            "above is its last news. ")
+
 # %% ../nbs/14_distributed.ipynb #3c592174
 def _kind(learn):
     "The kind of run `learn` is starting: fit, validate or get_preds"
@@ -240,6 +254,7 @@ class DDPStrategy(Strategy):
         self.cb,self.orig_dls,self.dls,self.seed = cb,env.orig_dls,env.dls,env.seed
         self.muted_cbs,self.r0opt,self.saved_preds,self._nest,self._cache,self._warned = [],False,[],0,{},False
         self.kinds,self.n_runs,self.broken,self.shut,self.model_device,self.logger = [],0,None,False,None,None
+        self.ended = None  # The kind of the last run that ended (`None`: none yet), for `describe`
         self.board = StatusBoard(env.store, cb.rank, cb.ws, self.describe)
         cb.pos.describe = self.describe
 
@@ -286,7 +301,9 @@ class DDPStrategy(Strategy):
     def describe(self):
         "Where this process is: the run, epoch, phase and batch, and the collective it waits in"
         learn,doing = self.cb.learn,self.cb.pos.doing
-        if learn is None or not self.kinds: s = 'distrib_ctx, outside fit/validate/get_preds'
+        if learn is None or not self.kinds:
+            s = ('distrib_ctx, before any fit/validate/get_preds' if self.ended is None else
+                 f'distrib_ctx, after a {self.ended} (no run in progress)')
         else:
             s = self.kinds[-1] + (f", epoch {learn.epoch}" if learn.fitting or self._nest > 1 else '')
             if learn.dl is not None:
@@ -328,7 +345,7 @@ class DDPStrategy(Strategy):
             self.failed(e, seq)
             raise
         finally:
-            self._nest -= 1; self.kinds.pop(); self.cb.pos.doing = None
+            self._nest -= 1; self.ended = self.kinds.pop(); self.cb.pos.doing = None
             self.unmute_preds(n)
             if outer is not None:
                 self.muted_cbs,learn.model = outer
@@ -369,7 +386,7 @@ class DDPStrategy(Strategy):
             warnings.warn(f"distrib_ctx does not shard an evaluation loader ({why}): every process evaluates all of "
                           f"it (exact, but not faster)")
             self._warned = True
-        return dl
+        return whole(dl)  # (a `ShardedStream`: its whole stream)
 
     def target_dl(self, learn, dl): return whole(unsharded(dl))
     def exception_cbs(self, learn, cbs): return tuple((c,f) for c,f in cbs if not any(c is m for m in self.muted_cbs))
@@ -392,6 +409,8 @@ class DDPStrategy(Strategy):
         if learn.dls is not self.dls:
             self.orig_dls,self._cache = learn.dls,{}
             learn.dls = self.dls = sharded_dls(learn.dls, cb.rank, cb.ws, cb.device, self.seed)
+        for dl in learn.dls:  # a stream's passes: the processes agree on every batch
+            if isinstance(dl, StreamLoader): dl.agree = cb.agree_batch
         facts = dict(run=self.kinds[-1], batches=_batches(learn.dls))
         if learn.fitting:
             plan = learn.resume_plan
@@ -440,8 +459,9 @@ class DDPStrategy(Strategy):
             self.shut_groups(f"a collective failed on rank {rank} ({_first_line(e)})")
             raise _mark(CommunicationError(f"A collective failed on rank {rank}: {_first_line(e)}\nWhere the processes are "
                                            f"(as each last said, about every {board.interval:g} s):\n  " + rep.replace('\n', '\n  ')
-                                           + f"\nA process that is stuck (a slow data source, a deadlock), failed, or is "
-                                           f"elsewhere in the code makes the others wait until distrib_ctx's timeout. {_restart}")) from e
+                                           + f"\n{_closed_note(e)}A process that is stuck (a slow data source, a deadlock), "
+                                           f"failed, or is elsewhere in the code makes the others wait until distrib_ctx's "
+                                           f"timeout. {_restart}")) from e
         board.fail(seq, f"{type(e).__name__}: {_first_line(e)}")
         if board.all_failed(seq, self.fail_wait): return
         rep = board.report()

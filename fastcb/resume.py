@@ -14,7 +14,8 @@ from .checkpoint import *
 from .sharded import *
 
 # %% auto #0
-__all__ = ['identity_diff', 'Candidates', 'resume_file', 'join_history', 'read_checkpoint', 'check_checkpoint', 'ResumePlan']
+__all__ = ['identity_diff', 'Candidates', 'resume_file', 'join_history', 'elastic_mid_epoch', 'read_checkpoint',
+           'check_checkpoint', 'ResumePlan']
 
 # %% ../nbs/04a_resume.ipynb #f735fdb8
 def identity_diff(a, # The identity of the checkpoint's run
@@ -27,8 +28,12 @@ def identity_diff(a, # The identity of the checkpoint's run
     res = []
     if a.get('model') != b.get('model'): res.append("the model (its weights' names, shapes or dtypes)")
     if a.get('opt') != b.get('opt'): res.append(f"the optimizer {a.get('opt')} vs {b.get('opt')}")
-    for k,what in (('n_epoch', 'n_epoch'), ('n_iter', 'training batches per epoch')):
+    for k,what in (('n_epoch', 'n_epoch'), ('n_iter', 'training batches per epoch (of all processes)')):
         if a.get(k) != b.get(k): res.append(f"{what} {a.get(k)} vs {b.get(k)}")
+    da,db = a.get('data') or {},b.get('data') or {}
+    if da.get('items') != db.get('items'): res.append(f"the training data: {da.get('items')} vs {db.get('items')} items")
+    elif da.get('crc') != db.get('crc'): res.append("the training data: other items")
+    if None not in (a.get('init'), b.get('init')) and a.get('init') != b.get('init'): res.append("the initial weights")
     ca,cb = a.get('cbs', {}),b.get('cbs', {})
     if set(ca) - set(cb): res.append(f"callbacks {sorted(set(ca) - set(cb))} only in the checkpoint's run")
     if set(cb) - set(ca): res.append(f"callbacks {sorted(set(cb) - set(ca))} only in this fit")
@@ -43,7 +48,8 @@ class Candidates:
     "The checkpoints `fit(resume=...)` may continue from: this run's in `storage` ('latest'), or any run's (a folder)"
     def __init__(self, storage, # A `CheckpointStorage`, or a local folder
                  any_run:bool=False): # Whether the checkpoints of any run are candidates
-        self.storage,self.any_run = storage if isinstance(storage, CheckpointStorage) else LocalStorage(storage),any_run
+        local = isinstance(storage, (str, Path)) or not callable(getattr(storage, 'list', None))  # (a storage by its methods)
+        self.storage,self.any_run = LocalStorage(storage) if local else storage,any_run
     folder = property(lambda self: self.storage.uri(''), doc="Where the candidates are (a path, or a URL)")
     def __repr__(self): return f"Candidates({self.storage!r}, any_run={self.any_run})"
 
@@ -77,6 +83,8 @@ def _check_counters(lp, file):
     pct = lp['pct_train']
     if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 <= pct <= 1 + 1e-6: bad.append('pct_train')
     if not bad and lp['batch'] is not None and lp['n_iter'] is not None and lp['batch'] > lp['n_iter']: bad.append('batch')
+    ws = lp.get('world_size', 1)
+    if not (isinstance(ws, int) and not isinstance(ws, bool) and ws >= 1): bad.append('world_size')
     if bad: raise ValueError(f"Checkpoint '{file}' is corrupt: its loop counters {', '.join(f'{k}={lp[k]!r}' for k in bad)} "
                              f"are not valid (n_iter={lp['n_iter']!r})")
 
@@ -185,9 +193,18 @@ def _check_cbs(learn, sd, file):
 def _check_loop(learn, sd, file, n_epoch):
     "The checkpoint's loop fits `learn`'s data and `n_epoch`"
     lp,n_iter = sd['loop'],len_or_none(learn.dls.train)
+    if elastic_mid_epoch(learn, sd):
+        raise ValueError(f"Checkpoint '{file}' was taken in the middle of an epoch by {lp.get('world_size', 1)} process(es), "
+                         f"with {lp['n_iter']} training batches each; this run has {run_world_size(learn)} with {n_iter}: "
+                         f"a checkpoint taken in an epoch resumes only with as many batches per process. Resume from a "
+                         f"checkpoint taken at the end of an epoch (resume='latest' or a folder passes over the others)")
     if lp['batch'] is not None and lp['n_iter'] != n_iter:
         raise ValueError(f"Checkpoint '{file}' was taken with a training loader of {lp['n_iter']} batches, this learner's "
                          f"has {n_iter}: resume with the same data, batch size and drop_last")
+    if lp['batch'] is not None and lp.get('world_size', 1) != run_world_size(learn):
+        warnings.warn(f"Checkpoint '{file}' was taken in the middle of an epoch by {lp.get('world_size', 1)} process(es), this "
+                      f"run has {run_world_size(learn)}: the rest of the epoch is drawn in another order (each number of "
+                      f"processes shares the items out otherwise), so some items of this epoch may be seen twice, others not")
     gens,states = loader_generators(learn.dls),sd['rng'].get('loaders', [])
     if len(states) != len(gens):
         raise ValueError(f"Checkpoint '{file}' was taken with {len(states)} loader generator(s), "
@@ -201,6 +218,13 @@ def _check_loop(learn, sd, file, n_epoch):
     if lp['n_epoch'] != n_epoch and 'run' not in sd:  # (with a run identity, the difference is named with the others)
         warnings.warn(f"Checkpoint '{file}' comes from a fit of {lp['n_epoch']} epochs, resumed with n_epoch={n_epoch}: "
                       f"schedules that depend on the number of epochs will not match")
+
+def elastic_mid_epoch(learn, # The `Learner` about to fit
+                      sd:dict): # A checkpoint, as read
+    "Whether `sd` was taken in an epoch by another number of processes, with another number of batches per process"
+    lp = sd['loop']
+    return (lp['batch'] is not None and lp.get('world_size', 1) != run_world_size(learn)
+            and lp['n_iter'] != len_or_none(learn.dls.train))
 
 def _check_grads(learn, grads, file):
     "The checkpoint's gradients fit the model's parameters, one by one"
@@ -221,7 +245,7 @@ def read_checkpoint(storage:CheckpointStorage, # Where the checkpoint is
     sd = _load_checkpoint(storage, name)  # a torch file in fastcb's checkpoint format, with all its parts
     check_seal(sd, file)  # the checksums written with it
     _check_types(sd, file)  # parts of the types fastcb writes
-    if 'shards' in sd: check_shards(shards_name(name), sd['shards'], f"Checkpoint '{file}'", storage)  # (FSDP) shards whole
+    if 'shards' in sd: check_shards(shards_folder(name, sd), sd['shards'], f"Checkpoint '{file}'", storage)  # (FSDP) shards
     _check_counters(sd['loop'], file)  # loop counters in range
     _check_rng_state(sd['rng'], file)  # random states the generators take
     if sd['loop']['batch'] is not None: _check_rng_state(sd['rng_epoch'], file, ' at the start of the epoch')
@@ -249,6 +273,12 @@ def _other_run(storage, name, identity):
     if not isinstance(sd.get('run'), dict): return f"'{name}' was written without a run identity (an older fastcb)"
     return f"'{name}' differs in " + ('; '.join(identity_diff(sd['run'].get('static', {}), identity)) or 'its fingerprint')
 
+def _finished_other(sd, identity):
+    "Whether checkpoint `sd` ends a finished run that started from other initial weights than this fit's"
+    lp,init = sd['loop'],(sd.get('run') or {}).get('static', {}).get('init')
+    done = lp['batch'] is None and lp['epoch'] + 1 >= lp['n_epoch']
+    return done and None not in (init, identity.get('init')) and init != identity['init']
+
 def _pick(learn, cands, n_epoch, identity):
     "`(name, state)` of the newest intact candidate; `(None, None)` when 'latest' finds only other runs"
     st,names = cands.storage,checkpoint_names(cands.storage)[::-1]
@@ -259,20 +289,29 @@ def _pick(learn, cands, n_epoch, identity):
                       f"{_other_run(st, names[0], identity)}): this fit trains from the start and leaves their files alone. "
                       f"To continue one of them anyway, pass resume=<its file>")
         return None,None
-    bad = []
+    bad,other_ws = [],[]
     for n in mine:
         try: sd = read_checkpoint(st, n)
-        except (RuntimeError, ValueError) as e: bad.append(f"'{n}': {str(e)[:300]}"); continue
+        except (RuntimeError, ValueError, FileNotFoundError) as e: bad.append(f"'{n}': {str(e)[:300]}"); continue
+        if elastic_mid_epoch(learn, sd): other_ws.append(n); continue
+        if not cands.any_run and _finished_other(sd, identity):
+            warnings.warn(f"resume='latest': the newest run of these settings in '{cands.folder}' ('{n}') is finished, and "
+                          f"started from other initial weights than this fit (another seed): this fit trains its own run. "
+                          f"To take that run's result, pass resume=<its file>")
+            return None,None
         if bad: warnings.warn(f"resume: {len(bad)} newer checkpoint(s) in '{cands.folder}' are corrupt, resuming from "
                               f"'{n}', the newest intact one ({'; '.join(bad)})")
+        if other_ws: warnings.warn(f"resume: {len(other_ws)} newer checkpoint(s) in '{cands.folder}' were taken in an epoch by "
+                                   f"another number of processes, resuming from '{n}' ({', '.join(other_ws)})")
         check_checkpoint(learn, sd, st.uri(n), n_epoch)
         return n,sd
-    raise ValueError(f"No intact checkpoint to resume from in '{cands.folder}': {'; '.join(bad)}")
+    if other_ws and not bad: check_checkpoint(learn, read_checkpoint(st, other_ws[0]), st.uri(other_ws[0]), n_epoch)
+    raise ValueError(f"No intact checkpoint to resume from in '{cands.folder}': {'; '.join(bad + other_ws)}")
 
 def _read_named(storage, name):
     "The checkpoint `name`; when it is corrupt, the error names the newest intact checkpoint of its run"
     try: return read_checkpoint(storage, name)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
         tag = checkpoint_run(name)
         for n in checkpoint_names(storage)[::-1]:
             if n >= name or (tag is not None and checkpoint_run(n) != tag): continue
@@ -310,6 +349,7 @@ class ResumePlan:
         self.pending = lp is not None and lp['batch'] is not None
         if self.resuming: self._warn(learn)
 
+    # `identity`: this fit's `run_identity` (its data and initial weights read once, before anything changed)
     resuming = property(lambda self: self.sd is not None,
                         doc="Whether the fit continues a checkpoint (False: 'latest' found only other runs', it starts afresh)")
     run = property(lambda self: self.sd.get('run') if self.resuming and isinstance(self.sd.get('run'), dict) else None,
@@ -350,13 +390,16 @@ class ResumePlan:
         self._check_hypers(learn)
         if 'shards' in sd:  # written by sharded processes (FSDP): resharded to this run's processes, or to this one
             grads = [n for (n,_),g in zip(learn.model.named_parameters(), sd['grads'] or []) if g is not None]
-            load_shards(shards_name(self.name), learn.model, learn.opt if sd['opt'] is not None else None, grads, self.storage)
+            load_shards(shards_folder(self.name, sd), learn.model, learn.opt if sd['opt'] is not None else None, grads,
+                        self.storage)
         else:
             load_model_state(learn.model, sd['model'])
             if sd['opt'] is not None: learn.opt.load_state_dict(sd['opt'])
             if sd['grads'] is not None:
                 for p,g in zip(learn.model.parameters(), sd['grads']): p.grad = None if g is None else g.to(p.device)
-        learn.train_iter,learn.pct_train = sd['loop']['train_iter'],sd['loop']['pct_train']
+        lp,n_iter = sd['loop'],len_or_none(learn.dls.train)
+        scale = n_iter/lp['n_iter'] if n_iter and lp['n_iter'] else 1  # another number of processes: batches per process
+        learn.train_iter,learn.pct_train = round(lp['train_iter']*scale),lp['pct_train']
         if not self.pending: self._restore_cbs(learn); set_rng_state(sd['rng'], learn.dls)
 
     def _restore_cbs(self, learn):

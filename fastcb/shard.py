@@ -4,14 +4,15 @@
 
 # %% ../nbs/12_shard.ipynb #cbc5d6ec
 from __future__ import annotations
-import copy, inspect
+import copy, inspect, itertools
 import torch
 from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler,
-                              SubsetRandomSampler)
+                              SubsetRandomSampler, get_worker_info)
+from .comm import rank_distrib, num_distrib
 
 # %% auto #0
-__all__ = ['ShardSampler', 'sampler_indices', 'Shard', 'shard_of', 'unsharded', 'rebuild_dl', 'whole', 'shard_dl',
-           'draws_at_random', 'drawn_order', 'sharded_dls']
+__all__ = ['ShardSampler', 'sampler_indices', 'ShardedStream', 'is_rank_sharded', 'StreamLoader', 'Shard', 'shard_of',
+           'unsharded', 'rebuild_dl', 'whole', 'shard_dl', 'draws_at_random', 'drawn_order', 'sharded_dls']
 
 # %% ../nbs/12_shard.ipynb #912b3610
 class ShardSampler(DistributedSampler):
@@ -22,11 +23,18 @@ class ShardSampler(DistributedSampler):
     def __iter__(self): return (self.indices[i] for i in super().__iter__())
 
 # %% ../nbs/12_shard.ipynb #aa2002e0
+def _stream_why(train:bool):
+    "Why a stream (an `IterableDataset`) that does not declare its split cannot be sharded"
+    if not train: return "its dataset is a stream (an IterableDataset)"
+    return ("its dataset is a stream (an IterableDataset) that does not say how it is split between the processes: wrap "
+            "it in ShardedStream(ds) (item i goes to process i % world size), or, if it already yields each process "
+            "its own part (with rank_distrib()), give it the attribute sharded_by_rank = True")
+
 def sampler_indices(dl, train:bool):
     "`(indices, shuffle)` of the items `dl` draws, or an explanation (str) of why it cannot be sharded"
     if not isinstance(dl, DataLoader): return f"it is a {type(dl).__name__}, not a torch DataLoader"
     ds = dl.dataset
-    if isinstance(ds, IterableDataset): return "its dataset is an IterableDataset: shard it inside the dataset with rank_distrib()"
+    if isinstance(ds, IterableDataset): return _stream_why(train)
     if dl.batch_size is None: return "it has a custom batch_sampler: give it a batch_size and a sampler instead"
     s,n = dl.sampler,len(ds)
     if isinstance(s, SequentialSampler) or (isinstance(s, DistributedSampler) and not train): return range(n),False
@@ -39,9 +47,57 @@ def sampler_indices(dl, train:bool):
     return (f"its sampler is a {type(s).__name__}: use shuffle=True/False, a SubsetRandomSampler, or pass your own "
             f"DistributedSampler")
 
+# %% ../nbs/12_shard.ipynb #dd498b5d
+class ShardedStream(IterableDataset):
+    "The stream `source` split between the processes: item `i` goes to rank `i % world_size` (then to its workers in turn)"
+    sharded_by_rank = True  # Declares that each process iterates its own part (what `distrib_ctx` checks)
+    def __init__(self, source, # An iterable that can be iterated again (an `IterableDataset`, a list...), not an iterator
+                 rank:int|None=None, # This process's rank; `None`: `rank_distrib()` when iterated
+                 world_size:int|None=None): # The number of processes; `None`: `num_distrib()` when iterated
+        if (rank is None) != (world_size is None): raise ValueError("Give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size): got rank={rank}, world_size={world_size}")
+        self.source,self.rank,self.world_size = source,rank,world_size
+    def split(self):
+        "`(rank, world_size)` this process's part is drawn for"
+        return (rank_distrib(),num_distrib()) if self.rank is None else (self.rank,self.world_size)
+    def __len__(self):
+        "The number of items of each rank (`TypeError` when `source` has no length)"
+        return len(self.source) // self.split()[1]
+    def __iter__(self):
+        rank,ws = self.split()
+        info = get_worker_info()
+        w,nw = (info.id,info.num_workers) if info is not None else (0,1)
+        it = iter(self.source)
+        if hasattr(self.source, '__len__'): it = itertools.islice(it, len(self)*ws)  # as many items for every rank
+        return (o for i,o in enumerate(it) if i % ws == rank and (i // ws) % nw == w)
+    def whole(self):
+        "The whole stream, as one process iterates it (undeclared: every process that iterates it reads all of it)"
+        res = ShardedStream(self.source, 0, 1)
+        res.sharded_by_rank = False
+        return res
+
+def is_rank_sharded(ds):
+    "Whether `ds` is a stream that declares it yields each process its own part (`sharded_by_rank = True`)"
+    return isinstance(ds, IterableDataset) and getattr(ds, 'sharded_by_rank', False) is True
+
+# %% ../nbs/12_shard.ipynb #38e121d1
+_end = object()
+
+class StreamLoader(DataLoader):
+    "A training `DataLoader` over a stream sharded by rank, whose passes end on every rank when the first rank's ends"
+    agree = None  # `agree(has_batch:bool) -> bool`: whether every rank has a batch; set by `distrib_ctx` (None: no check)
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            b = next(it, _end)
+            if self.agree is not None and not self.agree(b is not _end): return  # another rank ran out: stop together
+            if b is _end: return
+            yield b
+
 # %% ../nbs/12_shard.ipynb #5c8b121a
 class Shard:
-    "How a loader was sharded: `n` real items over `ws` ranks (this one `rank`); `orig` is the loader it was made from"
+    "How a loader was sharded: `n` real items (`None`: a stream) over `ws` ranks (this one `rank`), from the loader `orig`"
     def __init__(self, n, ws, rank, train, orig): self.n,self.ws,self.rank,self.train,self.orig = n,ws,rank,train,orig
     def n_real(self, i:int, n_local:int, bs:int):
         "How many of the `n_local*ws` items of gathered batch `i` (batch size `bs`) are real, not padding"
@@ -60,25 +116,47 @@ def unsharded(dl):
 _dl_keys = ('num_workers', 'collate_fn', 'pin_memory', 'timeout', 'worker_init_fn', 'multiprocessing_context',
             'generator', 'prefetch_factor', 'persistent_workers', 'pin_memory_device', 'in_order')
 
-def rebuild_dl(dl, sampler, drop_last:bool, generator=None):
+def rebuild_dl(dl, sampler, drop_last:bool, generator=None,
+               dataset=None, # The dataset of the copy; `None`: `dl`'s
+               cls=DataLoader): # The class of the copy (a `DataLoader` subclass)
     "A torch `DataLoader` like `dl` (batch size, collate_fn, workers...) drawing from `sampler` (and `generator`, if given)"
     ps = inspect.signature(DataLoader.__init__).parameters
     kw = {k: getattr(dl, k) for k in _dl_keys if k in ps and hasattr(dl, k)}
     if generator is not None: kw['generator'] = generator
     if not kw.get('num_workers'): kw.pop('prefetch_factor', None); kw.pop('persistent_workers', None)
-    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, drop_last=drop_last, **kw)
+    ds = dl.dataset if dataset is None else dataset
+    return cls(ds, batch_size=dl.batch_size, sampler=sampler, drop_last=drop_last, **kw)
 
 def whole(dl):
-    "`dl`, or a sequential copy over its whole dataset if the user sharded it with a `DistributedSampler`"
+    "`dl`, or a copy over its whole dataset: of a loader the user sharded (a `DistributedSampler`), of a `ShardedStream`"
+    ds = getattr(dl, 'dataset', None)
+    if isinstance(ds, ShardedStream) and isinstance(dl, DataLoader):
+        return rebuild_dl(dl, None, dl.drop_last, dataset=ds.whole())
     if not isinstance(getattr(dl, 'sampler', None), DistributedSampler): return dl
     return rebuild_dl(dl, None, False)
 
 # %% ../nbs/12_shard.ipynb #276b4853
+def _stream_shard(dl, rank, ws, train):
+    "The `StreamLoader` of a training loader over a stream sharded by rank; `None` for a `ShardedStream` in evaluation"
+    ds = dl.dataset
+    if train and isinstance(ds, ShardedStream) and ds.split() != (rank, ws):
+        raise ValueError(f"The ShardedStream was given rank {ds.rank} of {ds.world_size} but this process is rank {rank} of "
+                         f"{ws}: leave rank and world_size out under distrib_ctx")
+    if not train:
+        if isinstance(ds, ShardedStream): return None  # evaluated whole
+        raise TypeError(f"distrib_ctx cannot evaluate a loader over a {type(ds).__name__}: it yields each process its "
+                        f"own part (sharded_by_rank), whose predictions cannot be put back in order. Evaluate a stream "
+                        f"that every process reads whole (without sharded_by_rank), or wrap it in ShardedStream")
+    res = rebuild_dl(dl, None, dl.drop_last, cls=StreamLoader)
+    res._fastcb_shard = Shard(None, ws, rank, train, dl)
+    return res
+
 def shard_dl(dl, rank:int, ws:int, train:bool, seed:int=0,
              order=None, # Evaluation: the dataset positions to shard, as `drawn_order` gives them
              generator=None): # Evaluation: the generator of the copy (`drawn_order`'s twin)
     "A copy of `dl` that draws the share of rank `rank` of `ws`; `None` for an evaluation loader that cannot be sharded"
     if shard_of(dl) is not None: return dl
+    if is_rank_sharded(getattr(dl, 'dataset', None)): return _stream_shard(dl, rank, ws, train)
     s = getattr(dl, 'sampler', None)
     if train and isinstance(s, DistributedSampler):  # the user sharded it
         dl._fastcb_shard = Shard(s.total_size if s.drop_last else len(s.dataset), ws, rank, train, dl)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03a_sharded.ipynb #3c75df32
 from __future__ import annotations
-import os, shutil, sys, warnings
+import functools, hashlib, io, os, pickle, shutil, sys, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -12,7 +12,8 @@ from .data import tree_map
 
 # %% auto #0
 __all__ = ['is_sharded', 'skeleton', 'dist_rank', 'full_state', 'load_full_state', 'shard_payload', 'replace_folder',
-           'save_shards', 'check_shards', 'load_shards']
+           'rename_folder', 'file_sha256', 'save_shards', 'MetadataUnpickler', 'read_shards_metadata', 'check_items',
+           'check_shards', 'load_shards']
 
 # %% ../nbs/03a_sharded.ipynb #f6af7c4b
 def is_sharded(model:nn.Module): # A model
@@ -104,6 +105,14 @@ def replace_folder(tmp, # A complete local folder
     os.replace(tmp, folder)
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
+def rename_folder(tmp, # A complete local folder
+                  folder): # Its new name, which must not exist
+    "Rename local folder `tmp` to `folder` in one step; `FileExistsError` when `folder` exists (nothing is replaced)"
+    tmp,folder = Path(tmp),Path(folder)
+    if folder.exists() or folder.is_symlink():
+        raise FileExistsError(f"'{folder}' exists: a sharded save never replaces a folder")
+    os.rename(tmp, folder)  # (POSIX refuses a folder that is not empty, Windows any existing name)
+
 def _new_folder(folder, storage):
     "Rank 0: `(tmp, location)` of a new folder that becomes `folder` (a name in `storage`, or a local path) once written"
     if storage is not None: tmp = storage.new_folder(folder); return tmp,storage.uri(tmp)
@@ -118,52 +127,217 @@ def _files(folder, storage):
         return ({f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()} if folder.is_dir() else {}),folder
     return {n: storage.size(f'{folder}/{n}') for n in sorted(storage.list(folder))},storage.uri(folder)
 
+def _exists(folder, storage): return Path(folder).exists() if storage is None else storage.exists(folder)
+
+# %% ../nbs/03a_sharded.ipynb #b5d2f7a9
+def _is_url(where): return '://' in str(where)
+
+def _loc(where, name):
+    "The location of file `name` in folder `where` (a local path or a URL)"
+    return f"{str(where).rstrip('/')}/{name}" if _is_url(where) else Path(where)/name
+
+def _open(loc):
+    "File `loc` (a local path, or a URL read with `fsspec`) open for reading bytes"
+    if not _is_url(loc): return open(loc, 'rb')
+    import fsspec
+    return fsspec.open(str(loc), 'rb').open()
+
+def file_sha256(loc): # A local path, or a URL
+    "`(size, SHA-256 in hex)` of the bytes of file `loc`, read in chunks"
+    h,n,buf = hashlib.sha256(),0,bytearray(1 << 22)
+    with _open(loc) as f:
+        while k := f.readinto(buf): h.update(memoryview(buf)[:k]); n += k
+    return n,h.hexdigest()
+
+def _on():
+    d = torch.distributed
+    return d.is_available() and d.is_initialized()
+
+def _share(obj, group):
+    "Rank 0's `obj` (any picklable value), on every process"
+    if not _on(): return obj
+    o = [obj]
+    torch.distributed.broadcast_object_list(o, 0, group=group)
+    return o[0]
+
+def _digests(names, where, group):
+    "`{name: (size, sha256)}` of the files `names` in folder `where`: each process hashes a share, every one gets all"
+    dist = torch.distributed
+    r,n = (dist.get_rank(group), dist.get_world_size(group)) if _on() else (0, 1)
+    mine = {}
+    for f in names[r::n]:
+        try: mine[f] = file_sha256(_loc(where, f))
+        except Exception as e: mine[f] = f'{type(e).__name__}: {e}'  # raised below on every process, together
+    res = [mine]*n
+    if _on(): dist.all_gather_object(res, mine, group=group)
+    res = {k: v for d in res for k,v in d.items()}
+    bad = {k: v for k,v in res.items() if isinstance(v, str)}
+    if bad: raise OSError(f"The shards written in '{where}' cannot be read back: {bad}")
+    return res
+
+# %% ../nbs/03a_sharded.ipynb #c8e4a6b2
 def _commit(tmp, folder, storage):
-    "Rank 0: the folder written at `tmp` becomes `folder`; its manifest (the size of each file)"
-    if storage is None: replace_folder(tmp, folder)
-    else: storage.commit_folder(tmp, folder)
-    return _files(folder, storage)[0]
+    "Rank 0: the folder written at `tmp` becomes `folder`, in one step: it must not exist"
+    if storage is None: return rename_folder(tmp, folder)
+    if storage.exists(folder):
+        raise FileExistsError(f"'{storage.uri(folder)}' exists: a sharded save never replaces a folder")
+    storage.commit_folder(tmp, folder)
 
 def _broadcast(v, group):
     "Rank 0's `v` (a path or a name), on every process"
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()): return v
-    obj = [None if v is None else str(v)]
-    dist.broadcast_object_list(obj, 0, group=group)
-    return obj[0]
+    return _share(None if v is None else str(v), group)
 
 def save_shards(payload:dict, # What `shard_payload` returned on this process
-                folder, # The folder to write (a name in `storage`, or a local path); rank 0's is used
+                folder, # The new folder to write (a name in `storage`, or a local path; rank 0's): it must not exist
                 group=None, # A process group to agree on the path (None: the default group)
                 storage=None): # A `CheckpointStorage` (see "Checkpoints"); None: `folder` is a local path
-    "Write `payload` with `torch.distributed.checkpoint` into `folder`, atomically; returns the manifest on rank 0"
-    dist = torch.distributed
-    on,rank0 = dist.is_available() and dist.is_initialized(),dist_rank() == 0
+    "Write `payload` with `torch.distributed.checkpoint` into new folder `folder`, atomically; the manifest on rank 0"
+    on,rank0 = _on(),dist_rank() == 0
     folder = _broadcast(folder, group)  # the name is decided on rank 0
+    free = _share(not _exists(folder, storage) if rank0 else None, group)
+    if not free: raise FileExistsError(f"save_shards: '{folder}' exists: every sharded save writes a new folder (the file "
+                                       f"that names it is the commit point), it never replaces one")
     tmp,where = _new_folder(folder, storage) if rank0 else (None, None)
     where = _broadcast(where, group)
     try:
-        if on: dist.barrier(group=group)
+        if on: torch.distributed.barrier(group=group)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # (DCP's note that it saves in a single process)
             _dcp().save(payload, checkpoint_id=where, no_dist=not on)  # returns everywhere once rank 0 wrote the metadata
-        return _commit(tmp, folder, storage) if rank0 else None
+        names = _share(sorted(_files(tmp, storage)[0]) if rank0 else None, group)
+        sums = _digests(names, where, group)
+        if not rank0: return None
+        _commit(tmp, folder, storage)
+        return {n: {'size': s, 'sha256': h} for n,(s,h) in sums.items()}
     except BaseException:
         if rank0: storage.remove(tmp) if storage is not None else shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+# %% ../nbs/03a_sharded.ipynb #e1a7c9d4
+_DCP_MD = 'torch.distributed.checkpoint.metadata'
+_METADATA_TYPES = {
+    *[(_DCP_MD, n) for n in ('Metadata', 'TensorStorageMetadata', 'BytesStorageMetadata', 'ChunkStorageMetadata',
+                             'MetadataIndex', 'TensorProperties', 'StorageMeta', '_MEM_FORMAT_ENCODING')],
+    ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'), ('torch.serialization', '_get_layout'),
+    ('collections', 'OrderedDict'),
+    *[(m, c) for m in ('pathlib', 'pathlib._local') for c in ('PosixPath', 'WindowsPath', 'PurePosixPath', 'PureWindowsPath')]}
+
+class MetadataUnpickler(pickle.Unpickler):
+    "Unpickles DCP's `.metadata`: its dataclasses, torch's sizes, dtypes and layouts, and paths; anything else is refused"
+    def find_class(self, module, name):
+        kinds = (torch.dtype, torch.layout, torch.memory_format)
+        if (module, name) in _METADATA_TYPES or (module == 'torch' and isinstance(getattr(torch, name, None), kinds)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"'{module}.{name}' is not part of a checkpoint's metadata")
+
+def _check_metadata(md, where, what, names):
+    "Raise unless `md` is DCP's metadata whose data are in files of folder `where` (those of `names` when given)"
+    sdm,data = getattr(md, 'state_dict_metadata', None),getattr(md, 'storage_data', None)
+    if type(md).__name__ != 'Metadata' or not isinstance(sdm, dict) or not isinstance(data, dict) or not all(
+            isinstance(getattr(k, 'fqn', None), str) and type(getattr(v, 'offset', None)) is int
+            and type(getattr(v, 'length', None)) is int for k,v in data.items()):
+        raise ValueError(f"{what}: '{_loc(where, '.metadata')}' is not the metadata of a sharded checkpoint")
+    for si in data.values():
+        f = si.relative_path
+        plain = isinstance(f, str) and f not in ('', '.', '..') and '/' not in f and '\\' not in f
+        if not plain or (names is not None and f not in names):
+            raise ValueError(f"{what}: '{_loc(where, '.metadata')}' refers to {f!r}, not a shard of its folder")
+
+def read_shards_metadata(folder, # A folder `save_shards` wrote (a name in `storage`, or a local path)
+                  what:str='', # The checkpoint it belongs to, for the messages
+                  storage=None, # The `CheckpointStorage` `folder` is a name of; None: a local path
+                  names=None): # The files its data must be in (the manifest's), or None: any file of the folder
+    "DCP's metadata of `folder`, read with `MetadataUnpickler`; a `ValueError` naming the file when it is not that"
+    what,where = what or 'The checkpoint',(Path(folder) if storage is None else storage.uri(folder))
+    loc = _loc(where, '.metadata')
+    try:
+        with _open(loc) as f: md = MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{what}: '{loc}' was refused: {e}; unpickling it could run code (a crafted file?)") from None
+    except OSError as e: raise ValueError(f"{what}: '{loc}' cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e: raise ValueError(f"{what}: '{loc}' is corrupt ({type(e).__name__}: {e})") from None
+    _check_metadata(md, where, what, names)
+    return md
+
+def _refused(where, fqn, e):
+    return (f"The shards in '{where}' hold an item '{fqn}' that is not a tensor or a plain value: refused, unpickling it "
+            f"could run code (a crafted file?) ({type(e).__name__}: {str(e)[:200]})")
+
+def check_items(folder, # A folder `save_shards` wrote
+                md, # Its metadata (`read_shards_metadata`)
+                storage=None): # The `CheckpointStorage` `folder` is a name of; None: a local path
+    "Raise `ValueError` unless each non-tensor item of `folder` loads with `torch.load(weights_only=True)`"
+    where = Path(folder) if storage is None else storage.uri(folder)
+    for k,si in md.storage_data.items():
+        if type(md.state_dict_metadata.get(k.fqn)).__name__ != 'BytesStorageMetadata': continue
+        if getattr(si, 'transform_descriptors', None): continue  # (compressed: checked as DCP reads it)
+        try:
+            with _open(_loc(where, si.relative_path)) as f: f.seek(si.offset); data = f.read(si.length)
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e: raise ValueError(_refused(where, k.fqn, e)) from None
+
+# %% ../nbs/03a_sharded.ipynb #f2b8d0e5
+def _manifest_entry(rec):
+    "`(size, sha256 or None)` of an entry of a manifest: `{'size', 'sha256'}`, or a size alone (written before checksums)"
+    if type(rec) is int: return rec,None
+    if isinstance(rec, dict) and type(rec.get('size')) is int and isinstance(rec.get('sha256'), (str, type(None))):
+        return rec['size'],rec['sha256']
+    raise ValueError(f"not a manifest entry: {rec!r}")
 
 def check_shards(folder, # A folder `save_shards` wrote
                  manifest:dict, # The manifest it returned
                  what:str='', # The checkpoint it belongs to, for the message
                  storage=None): # The `CheckpointStorage` `folder` is a name of; None: a local path
-    "Raise, naming the file, when a shard of `folder` is missing or has another size than written"
+    "Raise `ValueError`, naming the file, unless each shard of `folder` is as written and its metadata safe to read"
     what = what or 'The checkpoint'
     files,where = _files(folder, storage)
-    if not files: raise FileNotFoundError(f"{what}: its shards folder '{where}' is missing")
-    for n,size in manifest.items():
+    if not files: raise ValueError(f"{what}: its shards folder '{where}' is missing")
+    try: entries = {n: _manifest_entry(r) for n,r in manifest.items()}
+    except (AttributeError, ValueError) as e: raise ValueError(f"{what}: its manifest of shards is corrupt ({e})") from None
+    for n,(size,sha) in entries.items():
         if n not in files: raise ValueError(f"{what}: shard '{where}/{n}' is missing")
         if files[n] != size:
-            raise ValueError(f"{what}: shard '{where}/{n}' has {files[n]} bytes, {size} were written (truncated or changed)")
+            raise ValueError(f"{what}: shard '{where}/{n}' has {files[n]} bytes, {size} were written "
+                             f"(truncated or changed)")
+        if sha is not None and file_sha256(_loc(where, n))[1] != sha:
+            raise ValueError(f"{what}: shard '{where}/{n}' is corrupt: its bytes do not match the checksum written with them "
+                             f"(a bit flipped on disk, or the file was changed)")
+    check_items(folder, read_shards_metadata(folder, what, storage, names=set(entries)), storage)
+
+# %% ../nbs/03a_sharded.ipynb #a4c6e8f0
+@functools.cache
+def _safe_dcp():
+    "`(reader, planner)` classes that make DCP read a checkpoint without unpickling anything outside an allow-list"
+    dcp = _dcp()
+    class SafeReader:
+        "A DCP reader that uses metadata read by `read_shards_metadata` (DCP's own reader would unpickle it fully)"
+        def __init__(self, path, metadata): super().__init__(path); self.metadata = metadata
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get('rank') is not None: raise ValueError("a sharded checkpoint has one metadata file")
+            md = self.metadata
+            if hasattr(self, 'load_id'):  # (as DCP's reader does)
+                if getattr(md, 'storage_meta', None) is None: md.storage_meta = dcp.metadata.StorageMeta()
+                md.storage_meta.load_id = self.load_id
+            return md
+    class SafePlanner(dcp.DefaultLoadPlanner):
+        "DCP's planner, its non-tensor items read with `torch.load(weights_only=True)`"
+        def __init__(self, where): super().__init__(); self.where = where
+        def load_bytes(self, read_item, value):
+            try: obj = torch.load(value, weights_only=True)
+            except Exception as e: raise ValueError(_refused(self.where, read_item.dest_index.fqn, e)) from None
+            buf = io.BytesIO(); torch.save(obj, buf); buf.seek(0)  # what DCP unpickles: rewritten from plain values
+            super().load_bytes(read_item, buf)
+    def reader(where, md):
+        if _is_url(where):  # DCP reads URLs with fsspec
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader as base
+        else: base = dcp.FileSystemReader
+        return type(f'Safe{base.__name__}', (SafeReader, base), {})(where, md)
+    return reader,SafePlanner
+
+def _dcp_error(e):
+    "The `ValueError` one of the processes raised inside DCP, which reports them in a `CheckpointException`"
+    for exc,*_ in (getattr(e, 'failures', None) or {}).values():
+        if isinstance(exc, ValueError): return exc
 
 def load_shards(folder, # A folder `save_shards` wrote
                 model:nn.Module, # The model to load into (sharded or not, any number of processes)
@@ -171,14 +345,18 @@ def load_shards(folder, # A folder `save_shards` wrote
                 grads=(), # Names of the parameters whose gradients were saved
                 storage=None): # The `CheckpointStorage` `folder` is a name of; None: a local path
     "Load a sharded checkpoint into `model` (and `opt`, and the gradients): resharded to this run's processes"
-    dist,sd_fns = torch.distributed,_sd()
-    where = Path(folder) if storage is None else storage.uri(folder)
+    sd_fns,where = _sd(),(Path(folder) if storage is None else storage.uri(folder))
+    reader,planner = _safe_dcp()
+    check_items(folder, md := read_shards_metadata(folder, storage=storage), storage)  # refused before anything changes
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         sd = shard_payload(model, opt)
         ps = dict(model.named_parameters())
         if grads: sd['grads'] = {n: torch.zeros_like(ps[n]) for n in grads}
-        _dcp().load(sd, checkpoint_id=where, no_dist=not (dist.is_available() and dist.is_initialized()))
+        try: _dcp().load(sd, storage_reader=reader(where, md), planner=planner(where), no_dist=not _on())
+        except BaseException as e:
+            if (err := _dcp_error(e)) is None: raise
+            raise err from None
         sd_fns.set_model_state_dict(model, sd['model'])
         if opt is not None: sd_fns.set_optimizer_state_dict(model, opt, sd['opt'])
     for n,p in ps.items(): p.grad = sd['grads'][n] if n in sd.get('grads', {}) else None

@@ -123,7 +123,38 @@ with learn.distrib_ctx():
     learn.fit(2, cbs=[Callback(before_batch=spy), Callback(after_train=snap)])
 R['prof_seen'] = seen
 
-# bad input: more processes than training items; a model that differs across processes
+# streams sharded by rank, of unequal lengths (batch 8): a ShardedStream of 65 items without a length (rank 0: 5
+# batches, rank 1: 4) and a stream that yields each process its own part (rank 0: 5 batches, rank 1: 3); every process
+# stops when the first runs out. The weights are snapshot at the end of the last training phase (before after_fit gives
+# every process rank 0's weights)
+from torch.utils.data import IterableDataset
+from fastcb.shard import ShardedStream
+class Stream(IterableDataset):
+    def __init__(self, n): self.n = n
+    def __iter__(self): return ((x[i], y[i]) for i in range(self.n))
+class OwnPart(IterableDataset):
+    sharded_by_rank = True
+    def __iter__(self): return ((x[i], y[i]) for i in range(rank, 80 if rank == 0 else 48, 2))
+def stream_fit(ds, **kw):
+    learn = Learner(DataLoaders(DataLoader(ds, batch_size=8), DataLoader(TensorDataset(x[:50], y[:50]), batch_size=16)),
+                    model(), loss_func=nn.CrossEntropyLoss(), opt_func=torch.optim.SGD, lr=0.1)
+    res = dict(iters=[], seen=[0, 0])
+    def count(self):
+        if self.learn.training: res['seen'][self.learn.epoch] += 1
+    def snap(self): res['snap'] = {k: v.clone() for k,v in self.learn.model.state_dict().items()}
+    cbs = [Callback(before_batch=count), Callback(after_train=snap),
+           Callback(after_epoch=lambda self: res['iters'].append(self.learn.train_iter))]
+    with learn.distrib_ctx(timeout=60):
+        learn.fit(2, cbs=cbs)
+        sdl = DataLoader(ShardedStream(Stream(37)), batch_size=16)
+        if kw.get('evaluate'): res['validate'],res['preds'] = learn.validate(dl=sdl),learn.get_preds(dl=sdl)
+    res['values'] = learn.recorder.values
+    return res
+R['stream'] = stream_fit(ShardedStream(Stream(65)), evaluate=True)
+R['own_part'] = stream_fit(OwnPart())
+
+# bad input: more processes than training items; a model that differs across processes; a stream that does not say
+# how it is split
 def error_of(f):
     try: f()
     except Exception as e: return f'{type(e).__name__}: {e}'
@@ -135,6 +166,7 @@ def mismatch():
     learn = mk(hidden=16 if rank == 0 else 17)
     with learn.distrib_ctx(): learn.fit(1)
 R['err_mismatch'] = error_of(mismatch)
+R['err_stream'] = error_of(lambda: stream_fit(Stream(64)))
 torch.save(R, out/f'rank{rank}.pt')
 '''
 
@@ -262,6 +294,36 @@ def test_bad_input_errors(job):
     for r in res:
         assert 'training set has 1 item(s) but there are 2 processes' in r['err_world_size']
         assert "parameter '0.weight' has shape (16, 8) on rank 0 but (17, 8) on rank 1" in r['err_mismatch']
+        assert r['err_stream'].startswith("TypeError: distrib_ctx cannot shard the training loader: its dataset is a "
+                                          "stream"), r['err_stream']
+        assert 'wrap it in ShardedStream(ds)' in r['err_stream'] and 'sharded_by_rank = True' in r['err_stream']
+
+
+def test_streams_of_unequal_lengths_stop_together(job):
+    res, _ = job
+    for r in res:
+        assert r['stream']['iters'] == [4, 8] and r['stream']['seen'] == [4, 4]  # rank 0's 5th batch is left out
+        assert r['own_part']['iters'] == [3, 6] and r['own_part']['seen'] == [3, 3]
+        assert r['stream']['values'] == res[0]['stream']['values']
+    for name in ('stream', 'own_part'):  # every step was a DDP step of both processes
+        for k, v in res[0][name]['snap'].items(): assert torch.equal(res[1][name]['snap'][k], v), (name, k)
+    # 2 processes x batch 8 over items i % 2 == rank: the batches of one process over the first 64 items, batch 16
+    learn, ns = _single(bs=16)
+    x, y = ns['data'](256)
+    learn.dls = type(learn.dls)(DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16), learn.dls.valid, device='cpu')
+    learn.metrics = []
+    learn.fit(2)
+    for k, v in learn.model.state_dict().items():
+        torch.testing.assert_close(res[0]['stream']['snap'][k], v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(res[0]['stream']['values']), torch.tensor(learn.recorder.values),
+                               atol=1e-5, rtol=0)
+    # evaluation over a ShardedStream: every process reads it whole, the single-process result
+    xb, yb = x[:37], y[:37]
+    p, t = learn.get_preds(dl=DataLoader(TensorDataset(xb, yb), batch_size=16))
+    for r in res:
+        rp, rt = r['stream']['preds']
+        assert torch.equal(rt, yb)
+        torch.testing.assert_close(rp, p, atol=1e-5, rtol=0)
 
 
 def test_crash_on_one_rank_ends_the_job(tmp_path):

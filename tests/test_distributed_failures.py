@@ -107,6 +107,15 @@ with learn.distrib_ctx():
     learn.fit(2)  # a shuffled validation loader with drop_last, drawn anew each epoch
     R['fit_values'] = learn.recorder.values
 torch.save(R, out/f'rank{rank}.pt')
+
+# (10) last: rank 1 ends 2 s into a distrib_ctx, before any run, as a killed process does (no error published, its
+# connections closed; exit code 0, so torchrun lets rank 0 finish); rank 0 starts a fit 3.5 s in
+def early(learn):
+    time.sleep(2 if rank == 1 else 3.5)
+    if rank == 1: os._exit(0)
+    learn.fit(1)
+scenario('killed_early', early, timeout=30)
+torch.save(R, out/f'rank{rank}.pt')
 '''
 
 
@@ -143,7 +152,7 @@ def test_validate_on_one_rank_only_fails_on_both(agree):
     e0, e1 = _errors(agree, 'validate_rank0_exit')
     for e in (e0, e1):
         assert e.startswith("OutOfStepError: The processes are out of step: rank 0: validate (sync point 'start of a "
-                            "run'); rank 1: distrib_ctx, outside fit/validate/get_preds (sync point 'exit of "
+                            "run'); rank 1: distrib_ctx, before any fit/validate/get_preds (sync point 'exit of "
                             "distrib_ctx')"), e
     for e in _errors(agree, 'validate_rank0_fit'):
         assert e.startswith("OutOfStepError: Rank 0 is starting a validate but rank 1 a fit"), e
@@ -168,6 +177,22 @@ def test_error_caught_on_one_rank_stops_both(agree):
 def test_same_error_on_every_rank_keeps_them_in_step(agree):
     assert [r['caught_both'][0] for r in agree] == [None, None]
     assert agree[0]['after_caught_both'] == agree[1]['after_caught_both']
+
+
+def test_process_gone_before_any_run_reported_as_it_last_was(agree):
+    e, secs = agree[0]['killed_early']
+    assert secs < 20, secs
+    assert e.startswith("CommunicationError: A collective failed on rank 0: "), e
+    assert "rank 0 (this process): distrib_ctx, before any fit/validate/get_preds" not in e, e  # it was in its fit
+    assert "rank 0 (this process): fit, epoch 0 (sync point 'start of a run')" in e, e
+    # how long rank 1 had been there at its last news (about 2 s: not the 3.5 s since it got there), and how long ago
+    line = next(l for l in e.splitlines() if l.strip().startswith('rank 1: '))
+    assert line.strip().startswith("rank 1: distrib_ctx, before any fit/validate/get_preds, for "), line
+    assert " s (last news " in line and "outside" not in line, line
+    assert int(line.split(', for ')[1].split(' s')[0]) <= 2, line
+    assert ("A closed connection: another process ended (killed, out of memory...) or gave up its groups; its line above "
+            "is its last news.") in e, e
+    assert 'killed_early' not in agree[1]
 
 
 def _single_preds(name, kw, reorder):
@@ -259,7 +284,7 @@ def test_collectives_that_cannot_meet_end_after_the_timeout(hang):
     for r, (e, t) in enumerate(r['gather_rank0'] for r in hang):
         assert 7.5 < t < 40, t  # the timeout (8 s; twice for a gather: two collectives)
         assert e.startswith(f"CommunicationError: A collective failed on rank {r}: ") and 'Timed out' in e, e
-        assert "distrib_ctx, outside fit/validate/get_preds (sync point 'exit of distrib_ctx')" in e, e
+        assert "distrib_ctx, before any fit/validate/get_preds (sync point 'exit of distrib_ctx')" in e, e
 
 
 RESUME = PRELUDE + '''

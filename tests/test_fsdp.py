@@ -163,6 +163,22 @@ def job(tmp_path_factory):
     return [torch.load(folder/f'rank{r}.pt', weights_only=False) for r in range(2)], folder
 
 
+def _shards(pth):
+    "The shards folder of sharded file `pth`: the one folder named after it"
+    found = [p for p in pth.parent.iterdir() if p.is_dir() and p.name.startswith(pth.stem + '.') and p.name.endswith('.shards')]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _manifest(obj):
+    "The manifest of shards in a sharded file's state: the dict whose keys are the names of the shards' files"
+    if isinstance(obj, dict):
+        if '.metadata' in obj: return obj
+        for v in obj.values():
+            if (m := _manifest(v)) is not None: return m
+    return None
+
+
 def _ns():
     ns = {}
     exec(COMMON, ns)
@@ -222,7 +238,9 @@ def test_get_preds_and_validate_exact(job):
 
 def test_full_save_loads_in_one_process(job):
     res, folder = job
-    assert res[0]['files_full'] == ['full.pth', 'sharded.pth', 'sharded.shards']  # rank 0 wrote the plain file
+    fs = res[0]['files_full']
+    assert [f for f in fs if not f.endswith('.shards')] == ['full.pth', 'sharded.pth']  # rank 0 wrote the plain file
+    assert [f for f in fs if f.endswith('.shards')] == [_shards(folder/'models'/'sharded.pth').name]  # (only sharded's)
     learn, _ = _single()
     learn.load(folder/'models'/'full.pth')
     _close(learn.model.state_dict(), res[0]['weights'], atol=0)
@@ -247,7 +265,7 @@ def test_clip_accumulation_adam_and_best_model(job):
         torch.testing.assert_close(torch.as_tensor(norm).float(), torch.as_tensor(clip.last_norm).float(), atol=1e-4, rtol=0)
         st = r['adam_opt']['state']
         assert set(st) == set(learn.opt.state_dict()['state']) and 'exp_avg' in st[0]  # the optimizer came back too
-    assert (folder/'models'/'best.pth').exists() and (folder/'models'/'best.shards').is_dir()
+    assert (folder/'models'/'best.pth').exists() and _shards(folder/'models'/'best.pth').is_dir()
 
 
 def ns_acc(): return _ns()['acc']
@@ -289,6 +307,23 @@ def test_sharded_checkpoints_rotated(job):
     assert not any(f.startswith('.') for f in fs)  # no temporary folder left
 
 
+def test_every_shard_file_checksummed(job, tmp_path):
+    "The manifest in a checkpoint names every file of its folder (both processes' shards and the metadata) with its checksum"
+    import hashlib, shutil
+    _, folder = job
+    shutil.copytree(folder/'ckpt', tmp_path/'ckpt')
+    last = sorted((tmp_path/'ckpt').glob('*.pth'))[-1]
+    man, shards = _manifest(torch.load(last, weights_only=True)), _shards(last)
+    assert sorted(man) == sorted(os.listdir(shards)) and {'.metadata', '__0_0.distcp', '__1_0.distcp'} <= set(man)
+    for n, r in man.items(): assert r == {'size': (shards/n).stat().st_size, 'sha256': hashlib.sha256((shards/n).read_bytes()).hexdigest()}
+    # a flipped bit in rank 1's shard: a resume in one process names it, before anything is loaded
+    data = bytearray((shards/'__1_0.distcp').read_bytes()); data[len(data)//2] ^= 4; (shards/'__1_0.distcp').write_bytes(bytes(data))
+    learn, _ = _single(shuffle=True)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"__1_0\.distcp' is corrupt"): learn.fit(2, resume=last)
+    for k, v in before.items(): assert torch.equal(learn.model.state_dict()[k], v), k
+
+
 @pytest.mark.slow
 def test_kill_and_resume_exact(job, tmp_path):
     res, _ = job
@@ -315,7 +350,7 @@ def test_sharded_checkpoint_resumes_in_one_process(job, tmp_path):
     assert learn.train_iter == 16
     # a truncated shard is named, before anything is loaded
     last = sorted((tmp_path/'ckpt').glob('*_iter*.pth'))[-1]
-    shard = next(last.with_suffix('.shards').glob('*.distcp'))
+    shard = next(_shards(last).glob('*.distcp'))
     shard.write_bytes(shard.read_bytes()[:10])
     learn, _ = _single(shuffle=True)
     with pytest.raises(ValueError, match='truncated'): learn.fit(2, resume=last)

@@ -87,6 +87,9 @@ _end = object()
 class StreamLoader(DataLoader):
     "A training `DataLoader` over a stream sharded by rank, whose passes end on every rank when the first rank's ends"
     agree = None  # `agree(has_batch:bool) -> bool`: whether every rank has a batch; set by `distrib_ctx` (None: no check)
+    def __init__(self, dataset, # A stream sharded by rank: a `ShardedStream`, or a dataset with `sharded_by_rank = True`
+                 *args, **kwargs): # As for `torch.utils.data.DataLoader`
+        super().__init__(dataset, *args, **kwargs)
     def __iter__(self):
         it = super().__iter__()
         while True:

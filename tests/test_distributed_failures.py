@@ -317,9 +317,9 @@ def test_resume_after_a_kill_with_per_rank_randomness(tmp_path):
     assert rc == 0, output[-6000:]
     print(f"RESUME job: {secs:.0f} s")
     files = sorted((tmp_path/'ckpt').glob('checkpoint_*.pth'))
-    # before the kill: every 3 batches and at the end of epoch 0 (8 batches an epoch); after: batch 15, the end of epoch 1
+    # before the kill: every 3 batches and at the end of epoch 0 (8 batches an epoch); after: batch 15, the end of the fit (`final`)
     assert [f.name.split('_')[-1] for f in files] == ['iter3.pth', 'iter6.pth', 'end.pth', 'iter9.pth', 'iter12.pth',
-                                                      'iter15.pth', 'end.pth'], files
+                                                      'iter15.pth', 'final.pth'], files
     sd = torch.load(files[4], weights_only=True)
     rr = sd['rng_ranks']
     assert len(rr) == 2 and not torch.equal(rr[0]['rng']['torch'], rr[1]['rng']['torch'])  # each process's own state

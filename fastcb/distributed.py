@@ -180,6 +180,7 @@ def _sum_train_metrics(learn, group, warned):
     ms = [('train_loss', rec.loss)] + ([(f'train_{m.name}', m) for m in learn.metrics] if rec.train_metrics else [])
     items = []
     for n,m in ms:
+        if getattr(m, 'gathers_batches', False): continue  # it gathered every process's batches itself: nothing to sum
         sd = m.state_dict() if callable(getattr(m, 'state_dict', None)) else vars(m)
         ks = [(k, v) for k in _additive if isinstance(v := sd.get(k), (int, float, torch.Tensor)) and not isinstance(v, bool)]
         if ks: items += [(m, k, v) for k,v in ks]
@@ -601,5 +602,7 @@ def to_detach(self:Learner, b, # A tensor or nested structure of tensors
               cpu:bool=True, # Move them to the CPU
               gather:bool=True): # Under `distrib_ctx`: gather them from every process
     "Detach `b`; under `distrib_ctx` (with `gather`), return the whole batch gathered from every process, in dataset order"
+    f = getattr(self.dl, 'to_detach', None)  # a loader with its own `to_detach` (fastai's hook) decides
+    if callable(f): return f(b, cpu, gather)
     if gather: b = self.strategy.gather(self, b)
     return to_detach(b, cpu)

@@ -115,7 +115,8 @@ class Learner:
         self.opt,self._split_idx,self._nd_split = None,[],False  # the optimizer and its splitter groups (see `create_opt`)
         self.training,self.fitting,self.depth,self.start_epoch,self.exception = False,False,0,0,None
         self.epoch,self.n_epoch,self.iter,self.n_iter,self.train_iter,self.pct_train = 0,1,0,0,0,0.
-        self.dl,self.xb,self.yb,self.pred,self.loss_grad,self.loss,self.backward_ran = None,(None,),(None,),None,None,None,False
+        self.dl,self.xb,self.yb,self.pred,self.loss_grad,self.backward_ran = None,(None,),(None,),None,None,False
+        self.loss = torch.tensor(0.)  # a batch's loss once computed; None for a batch that has none (see `one_batch`)
         self.strategy,self.dispatch_wrappers = Strategy(),[]  # the seams (see the "Architecture" chapter)
         self.resume_plan,self.epoch_rng,self._ckpt_writer = None,None,None
         self.logger,self._header_done,self.final_record = self.print_row,False,None
@@ -329,7 +330,7 @@ class Learner:
         "Train or evaluate `self.model` on batch `b`: forward, loss, backward and step, between the batch events"
         if not self.depth: self._batch_events = self._phase_events()  # called outside a run: this call's table
         ev = self._batch_events
-        self.iter,self.pred,self.loss_grad,self.loss,self.backward_ran = i,None,None,None,False
+        self.iter,self.pred,self.loss_grad,self.backward_ran = i,None,None,False  # `loss` stays the last batch's until replaced
         kw = self._split(b)
         try:
             if ev.before_batch: ev.before_batch()
@@ -339,8 +340,8 @@ class Learner:
                 if note: add_note(e, note)
                 raise
             if ev.after_pred: ev.after_pred()
-            self.loss_grad = self._batch_loss()
-            if self.loss_grad is not None: self.loss = self.loss_grad.detach().clone() if ev.copy_loss else self.loss_grad.detach()
+            self.loss_grad = lg = self._batch_loss()
+            self.loss = None if lg is None else lg.detach().clone() if ev.copy_loss else lg.detach()
             if ev.after_loss: ev.after_loss()
             if self.training and self.loss is not None: self._backward_step(ev)
         except CancelBatchException:
@@ -460,7 +461,7 @@ class Learner:
         finally: self.exception = None
 
     def _end_cleanup(self):
-        self.dl,self.xb,self.yb,self.pred,self.loss_grad,self.loss = None,(None,),(None,),None,None,None
+        self.dl,self.xb,self.yb,self.pred,self.loss_grad,self.loss = None,(None,),(None,),None,None,torch.tensor(0.)
 
     def _cleanup_error(self, mode):
         "Leave the learner as a fresh one after an exception: no per-batch state, the model's mode restored"
@@ -535,9 +536,10 @@ def no_logging(self:Learner):
 # %% ../nbs/06_learner.ipynb #9b11db37
 @patch
 def create_opt(self:Learner):
-    "Create an optimizer with default hyper-parameters"
+    "Create an optimizer with default hyper-parameters; it gets fastai's `opt.hypers` and `opt.set_hyper` (`add_hypers`)"
     self.opt,self._split_idx = make_opt(self.opt_func, self.model, self.splitter, self.lr)
     self._nd_split = False
+    self._opt_hypers()
     if self.wd is not None: self.set_hyper('wd', self.wd)
     elif any(pg.get('weight_decay', 0) for pg in self.opt.param_groups): self._split_no_decay()  # AdamW's default
 
@@ -548,19 +550,25 @@ def _split_no_decay(self:Learner):
     self._split_idx,self._nd_split = split_no_decay(self.opt, self._split_idx, self.model),True
 
 @patch
+def _opt_hypers(self:Learner):
+    "The optimizer's `OptHypers` on the learner's splitter groups (given to an optimizer assigned by hand on first use)"
+    hp,opt = getattr(self.opt, 'hypers', None),self.opt
+    if isinstance(hp, OptHypers) and hp.opt is opt: return hp
+    mine = lambda: self.opt is opt  # an optimizer the learner replaced no longer follows its splitter groups
+    return add_hypers(opt, groups=lambda: self._split_idx if mine() else None,
+                      before_decay=lambda: self._split_no_decay() if mine() else None)
+
+@patch
 def split_values(self:Learner, v): # A value, a list (one per splitter group) or a `slice`
     "One value per splitter group (see `group_values`)"
     return group_values(v, max(self._split_idx) + 1 if self._split_idx else 1)
 
 @patch
-def set_hyper(self:Learner, k:str, # 'lr', 'wd' (weight_decay), 'mom' (momentum or betas[0]), or any param-group key
+def set_hyper(self:Learner, k:str, # 'lr', 'mom' (momentum or betas[0]), 'sqr_mom' (betas[1]), 'wd', 'eps', or any key
               v): # A value, one per splitter group (list), or a `slice` (like fastai)
-    "Set hyper-parameter `k` in the optimizer's param groups"
+    "Set hyper-parameter `k` in the optimizer's param groups (what `learn.opt.set_hyper` does)"
     if self.opt is None: self.create_opt()
-    vals = self.split_values(v)
-    if k in ('wd', 'weight_decay') and any(o != 0 for o in vals): self._split_no_decay()
-    n = len(self.opt.param_groups)
-    set_group_hyper(self.opt, self._split_idx if len(self._split_idx) == n else [0]*n, k, vals)
+    self._opt_hypers().set_hyper(k, v)
 
 @patch
 def freeze_to(self:Learner, n:int): # Freeze the groups before the `n`-th (negative: counted from the end)

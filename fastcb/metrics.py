@@ -4,7 +4,8 @@
 
 # %% ../nbs/11_metrics.ipynb #5175e61c
 from __future__ import annotations
-import copy, csv, importlib.util, json, os, time
+import copy, csv, importlib.util, json, math, os, time, warnings
+from functools import partial
 from types import SimpleNamespace
 from datetime import datetime
 from pathlib import Path
@@ -14,8 +15,10 @@ from .learner import *
 from .recorder import TorchMetric  # defined with the Recorder; `from fastcb.metrics import TorchMetric` works too
 
 # %% auto #0
-__all__ = ['rmse', 'accuracy', 'error_rate', 'accuracy_multi', 'mse', 'mae', 'RMSE', 'Precision', 'Recall', 'FBeta', 'F1Score',
-           'CSVLogger', 'TensorBoardCallback']
+__all__ = ['rmse', 'exp_rmspe', 'skm_to_fastai', 'perplexity', 'accuracy', 'error_rate', 'accuracy_multi', 'top_k_accuracy',
+           'mse', 'mae', 'msle', 'RMSE', 'ExpRMSPE', 'Precision', 'Recall', 'FBeta', 'F1Score', 'CSVLogger',
+           'ActivationType', 'AccumMetric', 'skm_to_fastcb', 'R2Score', 'RocAuc', 'RocAucBinary', 'Perplexity',
+           'LossMetric', 'LossMetrics', 'ValueMetric', 'TensorBoardCallback']
 
 # %% ../nbs/11_metrics.ipynb #d7e113d2
 def _flat_check(inp, targ, what='prediction'):
@@ -48,6 +51,23 @@ def accuracy_multi(inp, # Model output: one score per label
 # the direction the trackers (`EarlyStoppingCallback`, `SaveModelCallback`...) read
 accuracy.lower_is_better,error_rate.lower_is_better,accuracy_multi.lower_is_better = False,True,False
 
+# %% ../nbs/11_metrics.ipynb #26865f40
+def top_k_accuracy(inp, # Model output: scores with the classes along `axis`
+                   targ, # Target class indices
+                   k:int=5, # A prediction is right when the target is among its `k` highest scores
+                   axis:int=-1): # The class axis of `inp`
+    "Computes the Top-k accuracy (`targ` is in the top `k` predictions of `inp`)"
+    n = inp.shape[axis]
+    if not 0 < k <= n: raise ValueError(f"top_k_accuracy: k={k}, but the predictions have {n} classes along axis {axis}")
+    top = inp.topk(k=k, dim=axis)[1]
+    shape = top.shape[:axis % inp.ndim] + top.shape[axis % inp.ndim + 1:]  # the prediction's shape without the class axis
+    if targ.numel() != math.prod(shape):
+        raise ValueError(f"top_k_accuracy: the target has {targ.numel()} elements (shape {tuple(targ.shape)}), the "
+                         f"predictions {math.prod(shape)} (shape {tuple(inp.shape)} without axis {axis})")
+    return (top == targ.reshape(shape).unsqueeze(axis)).any(dim=axis).float().mean()
+
+top_k_accuracy.lower_is_better = False
+
 # %% ../nbs/11_metrics.ipynb #d47ba8d7
 def mse(inp, targ):
     "Mean squared error between `inp` and `targ`."
@@ -59,15 +79,23 @@ def mae(inp, targ):
     inp,targ = _flat_check(inp, targ)
     return (inp.float() - targ.float()).abs().mean()
 
-mse.lower_is_better = mae.lower_is_better = True
+def msle(inp, targ):
+    "Mean squared logarithmic error between `inp` and `targ`."
+    inp,targ = _flat_check(inp, targ)
+    return ((torch.log1p(inp.float()) - torch.log1p(targ.float()))**2).mean()
+
+mse.lower_is_better = mae.lower_is_better = msle.lower_is_better = True
 
 class RMSE(Metric):
     "Root mean squared error over the whole loader (the square root of the mean of all the squared errors)"
     lower_is_better = True
     def reset(self): self.total,self.count = None,0
+    def errors(self, inp, targ):
+        "The squared error of each element (flat `inp` and `targ`): what the metric averages before the square root"
+        return (inp.float() - targ.float())**2
     def accumulate(self, learn):
         inp,targ = _flat_check(learn.pred.detach(), learn.yb[0])
-        se = ((inp.float() - targ.float())**2).sum()
+        se = self.errors(inp, targ).sum()
         self.total = se if self.total is None else self.total + se
         self.count += inp.numel()
     @property
@@ -75,10 +103,19 @@ class RMSE(Metric):
     @property
     def name(self): return 'rmse'
     def __call__(self, inp, targ):
-        "The RMSE of one batch, as a function: `rmse(pred, targ)`"
-        return mse(inp, targ).sqrt()
+        "The metric of one batch, as a function: `rmse(pred, targ)`"
+        return self.errors(*_flat_check(inp, targ)).mean().sqrt()
 
 rmse = RMSE()
+
+# %% ../nbs/11_metrics.ipynb #c0e7c2ed
+class ExpRMSPE(RMSE):
+    "Root mean square percentage error of the exponential of predictions and targets"
+    def errors(self, inp, targ): return torch.expm1(inp.float() - targ.float())**2
+    @property
+    def name(self): return 'exp_rmspe'
+
+exp_rmspe = ExpRMSPE()
 
 # %% ../nbs/11_metrics.ipynb #c2aaac2d
 _averages = ('binary', 'macro', 'micro', 'weighted')
@@ -306,13 +343,205 @@ class CSVLogger(Callback):
         "The logged rows, as a list of dicts (numbers parsed)"
         with open(self.path, newline='') as f: return [{k: _num(v) for k,v in row.items()} for row in csv.DictReader(f)]
 
-# %% ../nbs/11_metrics.ipynb #167acdda
+# %% ../nbs/11_metrics.ipynb #203c3092
+class ActivationType:
+    "The activations `AccumMetric` can apply to the predictions (fastai's names and values)"
+    No,Sigmoid,Softmax,BinarySoftmax = 'no','sigmoid','softmax','binarysoftmax'
+
+_activations = ('no', 'sigmoid', 'softmax', 'binarysoftmax')
+
 def _require(module, pip_name, what):
     "A clear `ImportError` when the optional `module` is not installed"
     try: spec = importlib.util.find_spec(module)
     except (ImportError, ValueError): spec = None
     if spec is None: raise ImportError(f"{what} needs the `{pip_name}` package: pip install {pip_name}")
 
+def _unwrap(f):
+    "The function inside `functools.partial`s"
+    while isinstance(f, partial): f = f.func
+    return f
+
+def _np(t):
+    "A NumPy array of `t` (half precision and bfloat16 as float32, which NumPy has)"
+    if t.dtype in (torch.float16, torch.bfloat16): t = t.float()
+    return t.cpu().numpy()
+
+# %% ../nbs/11_metrics.ipynb #1ffae8d4
+class AccumMetric(Metric):
+    "Stores predictions and targets (on their device) to compute `func(preds, targs)` once, at the end"
+    gathers_batches = True  # under distrib_ctx it gathers its training batches itself: nothing to sum over processes
+    def __init__(self, func, # `func(preds, targs, **kwargs)` (`func(targs, preds)` with `invert_arg`)
+                 dim_argmax:int|None=None, # Take the argmax along this axis (with no activation), the softmax's axis
+                 activation='no', # An `ActivationType` ('no', 'softmax', 'sigmoid', 'binarysoftmax') or a function
+                 thresh:float|None=None, # Then predictions become `pred >= thresh`
+                 to_np:bool=False, # Give `func` NumPy arrays
+                 invert_arg:bool=False, # Call `func(targs, preds)`, scikit-learn's order
+                 flatten:bool=True, # Flatten predictions and targets (as many elements in both)
+                 name:str|None=None, # The column name; default: `func`'s name
+                 **kwargs): # Passed to `func`
+        if not callable(func): raise TypeError(f"AccumMetric needs a function func(preds, targs), got {func!r}")
+        if activation is None: activation = 'no'
+        if not callable(activation) and activation not in _activations:
+            raise ValueError(f"activation must be one of {_activations} (ActivationType) or a function, got {activation!r}")
+        self.func,self.dim_argmax,self.activation,self.thresh,self.flatten = func,dim_argmax,activation,thresh,flatten
+        self.to_np,self.invert_arg,self.kwargs = to_np,invert_arg,kwargs
+        self._name = name if name is not None else getattr(_unwrap(func), '__name__', type(func).__name__)
+        self.lower_is_better = getattr(_unwrap(func), 'lower_is_better', None)
+        self.reset()
+
+    def reset(self):
+        "Clear all targs and preds"
+        self.targs,self.preds = [],[]
+
+    def activate(self, pred):
+        "The predictions as stored: after the activation (or the argmax), then the threshold"
+        act = self.activation
+        if callable(act): pred = act(pred)
+        elif act in ('softmax', 'binarysoftmax'):
+            pred = torch.softmax(pred, dim=-1 if self.dim_argmax is None else self.dim_argmax)
+            if act == 'binarysoftmax': pred = pred[:, -1]
+        elif act == 'sigmoid': pred = torch.sigmoid(pred)
+        elif self.dim_argmax is not None: pred = pred.argmax(dim=self.dim_argmax)
+        return pred if self.thresh is None else pred >= self.thresh
+
+    def accumulate(self, learn):
+        "Store the batch's targets and predictions (transformed by `activate`)"
+        self.accum_values(self.activate(learn.pred.detach()), learn.yb[0], learn)
+
+    def accum_values(self, preds, targs, learn=None): # The learner, to gather training batches under `distrib_ctx`
+        "Store `targs` and `preds` (detached, on their device)"
+        preds,targs = preds.detach(),targs.detach()
+        if learn is not None and getattr(learn, 'training', False) and getattr(learn, 'strategy', None) is not None:
+            preds,targs = learn.strategy.gather(learn, (preds, targs))  # one process: as they are
+        if self.flatten: preds,targs = _flat_check(preds, targs)
+        self.preds.append(preds); self.targs.append(targs)
+
+    def __call__(self, preds, targs):
+        "The metric of one batch, as a function: `metric(preds, targs)` (what the metric accumulated is left alone)"
+        m = copy.copy(self); m.reset(); m.accumulate(SimpleNamespace(pred=preds, yb=(targs,)))
+        return m.value
+
+    @property
+    def value(self):
+        "Value of the metric using accumulated preds and targs (`None` before any batch)"
+        if not self.preds: return None
+        preds,targs = torch.cat(self.preds),torch.cat(self.targs)
+        if self.to_np: preds,targs = _np(preds),_np(targs)
+        return self.func(targs, preds, **self.kwargs) if self.invert_arg else self.func(preds, targs, **self.kwargs)
+
+    @property
+    def name(self): return self._name
+    @name.setter
+    def name(self, value): self._name = value
+
+# %% ../nbs/11_metrics.ipynb #c26437b8
+def _skm_direction(f):
+    "Lower is better for scikit-learn's losses and errors, higher for its scores, unknown otherwise"
+    n = getattr(_unwrap(f), '__name__', '')
+    if n.endswith(('_loss', '_error')): return True
+    if n.endswith('_score') or n == 'matthews_corrcoef': return False
+    return None
+
+def skm_to_fastcb(func, # A function of `sklearn.metrics`, `func(y_true, y_pred, **kwargs)`
+                  is_class:bool=True, # Classification: the argmax along `axis`, or `thresh` for multi-label
+                  thresh:float|None=None, # Multi-label classification: `sigmoid(pred) >= thresh`
+                  axis:int=-1, # The class axis of the predictions
+                  activation=None, # An `ActivationType` or function; default: sigmoid when `thresh` is set
+                  **kwargs): # Passed to `func` (or to `AccumMetric`: `flatten`, `name`)
+    "Convert `func` from sklearn.metrics to a fastcb metric"
+    dim_argmax = axis if is_class and thresh is None else None
+    if activation is None: activation = ActivationType.Sigmoid if is_class and thresh is not None else ActivationType.No
+    m = AccumMetric(func, dim_argmax=dim_argmax, activation=activation, thresh=thresh, to_np=True, invert_arg=True, **kwargs)
+    if m.lower_is_better is None: m.lower_is_better = _skm_direction(func)
+    return m
+
+skm_to_fastai = skm_to_fastcb  # the name fastai code uses
+
+# %% ../nbs/11_metrics.ipynb #85b9a7d4
+def _skm(name):
+    "The function `name` of `sklearn.metrics`"
+    _require('sklearn', 'scikit-learn', f"sklearn.metrics.{name}")
+    import sklearn.metrics
+    return getattr(sklearn.metrics, name)
+
+def R2Score(sample_weight=None): # Weights of the samples
+    "R2 score between predictions and targets"
+    return skm_to_fastcb(_skm('r2_score'), is_class=False, sample_weight=sample_weight)
+
+def RocAuc(axis:int=-1, # The class axis of the predictions
+           average:str='macro', # How scikit-learn averages the per-class areas: 'macro', 'weighted'...
+           sample_weight=None, # Weights of the samples
+           max_fpr:float|None=None, # Only with 2 classes: the standardised partial area up to this false positive rate
+           multi_class:str='ovr'): # 'ovr' (one class against the rest) or 'ovo' (each pair of classes)
+    "Area Under the Receiver Operating Characteristic Curve for single-label multiclass classification problems"
+    if multi_class not in ('ovr', 'ovo'): raise ValueError(f"multi_class must be 'ovr' or 'ovo', got {multi_class!r}")
+    return skm_to_fastcb(_skm('roc_auc_score'), axis=axis, activation=ActivationType.Softmax, flatten=False,
+                         average=average, sample_weight=sample_weight, max_fpr=max_fpr, multi_class=multi_class)
+
+def RocAucBinary(axis:int=-1, # The class axis of the predictions (2 classes; the second is the positive one)
+                 average:str='macro', # Passed to scikit-learn's `roc_auc_score`
+                 sample_weight=None, # Weights of the samples
+                 max_fpr:float|None=None, # The standardised partial area up to this false positive rate
+                 multi_class:str='raise'): # Passed to scikit-learn's `roc_auc_score`
+    "Area Under the Receiver Operating Characteristic Curve for single-label binary classification problems"
+    return skm_to_fastcb(_skm('roc_auc_score'), axis=axis, activation=ActivationType.BinarySoftmax,
+                         average=average, sample_weight=sample_weight, max_fpr=max_fpr, multi_class=multi_class)
+
+# %% ../nbs/11_metrics.ipynb #4722a8d5
+class Perplexity(AvgLoss):
+    "Perplexity (exponential of cross-entropy loss) for Language Models"
+    @property
+    def value(self):
+        v = super().value
+        return None if v is None else torch.exp(v)
+    @property
+    def name(self): return 'perplexity'
+
+perplexity = Perplexity()
+
+# %% ../nbs/11_metrics.ipynb #97e9424d
+class LossMetric(AvgMetric):
+    "Create a metric from `loss_func.attr` named `nm`"
+    lower_is_better = True
+    def __init__(self, attr:str, # The attribute of `learn.loss_func` that holds the term (set at each call)
+                 nm:str|None=None): # The column name; default: `attr`
+        self.attr,self.nm,self.warned = attr,nm,False
+        self.reset()
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        v = getattr(learn.loss_func, self.attr, None)
+        if v is None:
+            if not self.warned: warnings.warn(f"LossMetric: the loss function {type(learn.loss_func).__name__} has no "
+                                              f"attribute {self.attr!r} (set it when computing the loss): counted as 0")
+            self.warned,v = True,0.
+        if isinstance(v, torch.Tensor): v = v.detach().float().mean()  # on the device: no synchronisation
+        self.total = self.total + v*bs
+        self.count += bs
+    @property
+    def name(self): return self.attr if self.nm is None else self.nm
+
+def LossMetrics(attrs, # The attributes: a list, or names separated by commas ('l1,l2')
+                nms=None): # The column names, as `attrs`; default: the attributes' names
+    "List of `LossMetric` for each of `attrs` and `nms`"
+    if isinstance(attrs, str): attrs = attrs.split(',')
+    nms = attrs if nms is None else nms.split(',') if isinstance(nms, str) else nms
+    if len(nms) != len(attrs): raise ValueError(f"LossMetrics: {len(attrs)} attributes {list(attrs)} but {len(nms)} names {list(nms)}")
+    return [LossMetric(a, n) for a,n in zip(attrs, nms)]
+
+# %% ../nbs/11_metrics.ipynb #ee1eded6
+class ValueMetric(Metric):
+    "Use to include a pre-calculated metric value (for instance calculated in a `Callback`) and returned by `func`"
+    def __init__(self, func, # Called without arguments when the value is read
+                 metric_name:str|None=None, # The column name; default: `func`'s name
+                 lower_is_better:bool|None=None): # The direction, for trackers; default: `func.lower_is_better`, if any
+        self.func,self.metric_name = func,metric_name
+        self.lower_is_better = getattr(_unwrap(func), 'lower_is_better', None) if lower_is_better is None else lower_is_better
+    @property
+    def value(self): return self.func()
+    @property
+    def name(self): return self.metric_name if self.metric_name else getattr(_unwrap(self.func), '__name__', 'value')
+
+# %% ../nbs/11_metrics.ipynb #167acdda
 class TensorBoardCallback(Callback):
     "Log losses, metrics and learning rates to TensorBoard"
     order,remove_on_fetch,rank0_only,agree_cancels = 70,True,True,False

@@ -5,13 +5,15 @@
 # %% ../nbs/03_optim.ipynb #5257f662
 from __future__ import annotations
 import math, warnings
+from collections.abc import MutableMapping, Sequence
 from functools import partial
 import torch
 from torch import nn
 
 # %% auto #0
 __all__ = ['trainable_params', 'norm_params', 'no_decay_params', 'make_opt', 'split_no_decay', 'even_mults', 'group_values',
-           'check_hyper', 'set_group_hyper', 'freeze_groups']
+           'check_hyper', 'hyper_key', 'get_hyper', 'put_hyper', 'set_group_hyper', 'freeze_groups', 'hyper_names',
+           'HyperDict', 'OptHypers', 'add_hypers']
 
 # %% ../nbs/03_optim.ipynb #8fa56615
 def trainable_params(m:nn.Module):
@@ -60,8 +62,10 @@ def split_no_decay(opt, # The optimizer
     groups,idx = [],[]
     for pg,i in zip(opt.param_groups, split_idx):
         dec,nod = [p for p in pg['params'] if id(p) not in nd],[p for p in pg['params'] if id(p) in nd]
-        if dec: groups.append({**pg, 'params': dec}); idx.append(i)
-        if nod: groups.append({**pg, 'params': nod, 'weight_decay': 0., 'no_decay': True}); idx.append(i)
+        nod_pg = {**pg, 'params': nod, 'weight_decay': 0., 'no_decay': True}
+        if dec: pg['params'] = dec; groups.append(pg); idx.append(i)  # the same dict: a view of the group (`hypers`) holds
+        elif nod: pg.update(nod_pg); nod_pg = pg  # only biases and norms: the group itself becomes a no-decay one
+        if nod: groups.append(nod_pg); idx.append(i)
     opt.param_groups[:] = groups  # optimizer state is keyed by parameter: it follows them
     return idx
 
@@ -101,20 +105,46 @@ def check_hyper(name:str, # The argument's name, for the message: 'lr', 'wd', 'l
                             + (f": did you mean {name}={o.strip()}?" if isinstance(o, str) else ''))
         if not math.isfinite(o) or o < 0: raise ValueError(f"{name} must be a finite number >= 0, got {o}")
 
+_aliases = {'momentum': 'mom', 'beta1': 'mom', 'beta2': 'sqr_mom', 'weight_decay': 'wd'}
+_fastai_names = ('lr', 'mom', 'sqr_mom', 'eps', 'wd')
+
+def hyper_key(pg:dict, # A param group of a torch optimizer
+              k:str): # fastai's name ('lr', 'mom', 'sqr_mom', 'wd', 'eps'), torch's ('momentum', 'weight_decay'...) or any key
+    "Where hyper-parameter `k` is in `pg`: `(key, i)`, `i` the index in a tuple such as `betas` (else None); None if absent"
+    k = _aliases.get(k, k)
+    if k == 'mom' and 'betas' in pg: return 'betas', 0
+    if k == 'mom' and 'momentum' in pg: return 'momentum', None
+    if k == 'sqr_mom' and 'betas' in pg: return 'betas', 1
+    if k == 'wd' and 'weight_decay' in pg: return 'weight_decay', None
+    return (k, None) if k in pg and k != 'params' else None
+
+def _no_hyper(pg, k, what='The optimizer'):
+    return (f"{what} has no hyper-parameter '{k}'; its param groups have {sorted(o for o in pg if o != 'params')} "
+            f"('mom' is momentum or betas[0], 'sqr_mom' betas[1], 'wd' weight_decay)")
+
+def get_hyper(pg:dict, k:str):
+    "The value of hyper-parameter `k` (a name `hyper_key` knows) in param group `pg`"
+    at = hyper_key(pg, k)
+    if at is None: raise KeyError(_no_hyper(pg, k))
+    return pg[at[0]] if at[1] is None else pg[at[0]][at[1]]
+
+def put_hyper(pg:dict, k:str, v):
+    "Set hyper-parameter `k` of param group `pg` to `v` (a group of biases and norms without weight decay keeps `wd` 0)"
+    at = hyper_key(pg, k)
+    if at is None: raise KeyError(_no_hyper(pg, k))
+    key,i = at
+    if key == 'weight_decay' and pg.get('no_decay'): return
+    if i is None: pg[key] = v
+    else: pg[key] = (*pg[key][:i], v, *pg[key][i+1:])
+
 def set_group_hyper(opt, # The optimizer
               split_idx:list, # The splitter group of each param group
-              k:str, # 'lr', 'wd' (weight_decay), 'mom' (momentum or betas[0]), or any param-group key
+              k:str, # 'lr', 'wd' (weight_decay), 'mom' (momentum or betas[0]), 'sqr_mom' (betas[1]), 'eps', or any key
               vals:list): # One value per splitter group
     "Set hyper-parameter `k` of every param group to the value of its splitter group (no-decay groups keep 0)"
-    key = {'wd': 'weight_decay'}.get(k, k)
     for pg,i in zip(opt.param_groups, split_idx):
-        if key == 'weight_decay' and pg.get('no_decay'): continue
-        if key in ('mom', 'momentum', 'beta1') and 'betas' in pg: pg['betas'] = (vals[i], *pg['betas'][1:]); continue
-        kk = 'momentum' if key in ('mom', 'beta1') else key
-        if kk not in pg:
-            raise KeyError(f"{type(opt).__name__} has no hyper-parameter '{k}'; its param groups have "
-                           f"{sorted(o for o in pg if o != 'params')}")
-        pg[kk] = vals[i]
+        if hyper_key(pg, k) is None: raise KeyError(_no_hyper(pg, k, type(opt).__name__))
+        put_hyper(pg, k, vals[i])
 
 # %% ../nbs/03_optim.ipynb #f5468be5
 def freeze_groups(opt, # The optimizer
@@ -127,3 +157,76 @@ def freeze_groups(opt, # The optimizer
     if frozen >= n_splits: warnings.warn(f"Freezing {frozen} groups; the splitter has {n_splits}: the whole model is frozen")
     for pg,i in zip(opt.param_groups, split_idx):
         for p in pg['params']: p.requires_grad_(i >= frozen or id(p) in keep)
+
+# %% ../nbs/03_optim.ipynb #54c21210
+def _is_number(v): return isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool)
+def _is_wd(k): return _aliases.get(k, k) == 'wd'
+def _nonzero(v):
+    if isinstance(v, slice): return bool(v.start or v.stop)
+    return any(o != 0 for o in v) if isinstance(v, (list, tuple)) else v != 0
+
+def hyper_names(pg:dict): # A param group
+    "The hyper-parameters of `pg`: fastai's names it has, then its other numbers under torch's names"
+    names = [n for n in _fastai_names if hyper_key(pg, n) is not None]
+    used = {hyper_key(pg, n)[0] for n in names}
+    return names + [k for k,v in pg.items() if k not in used and k != 'params' and _is_number(v)]
+
+class HyperDict(MutableMapping):
+    "One param group of a torch optimizer seen with fastai's names: reads and writes go to the group itself"
+    def __init__(self, pg:dict, # The param group
+                 before_decay=None): # Called before a `wd` other than 0 is written (the learner splits off biases and norms)
+        self.pg,self.before_decay = pg,before_decay
+    def __getitem__(self, k): return get_hyper(self.pg, k)
+    def __setitem__(self, k, v):
+        if self.before_decay is not None and _is_wd(k) and v != 0: self.before_decay()
+        put_hyper(self.pg, k, v)
+    def __delitem__(self, k): raise TypeError(f"A hyper-parameter cannot be deleted ({k!r}): set another value")
+    def __iter__(self): return iter(hyper_names(self.pg))
+    def __len__(self): return len(hyper_names(self.pg))
+    def __repr__(self): return repr(dict(self))
+
+def _plain(v):
+    "A numpy array or a tensor as a number or a list (fastai's schedules may give arrays)"
+    return v.tolist() if hasattr(v, 'tolist') and not isinstance(v, (int, float)) else v
+
+class OptHypers(Sequence):
+    "fastai's `opt.hypers`: a live `HyperDict` for each param group of torch optimizer `opt`, and `set_hyper`"
+    def __init__(self, opt, # A torch optimizer
+                 groups=None, # `groups()` -> the splitter group of each param group; None: each param group is one
+                 before_decay=None): # Called before a `wd` other than 0 is set
+        self.opt,self.groups,self.before_decay = opt,groups,before_decay
+    def __len__(self): return len(self.opt.param_groups)
+    def __getitem__(self, i):
+        pgs = self.opt.param_groups
+        if isinstance(i, slice): return [HyperDict(pg, self.before_decay) for pg in pgs[i]]
+        return HyperDict(pgs[i], self.before_decay)
+    def __repr__(self): return repr([dict(h) for h in self])
+
+    def split_idx(self):
+        "The splitter group of each param group"
+        n = len(self.opt.param_groups)
+        idx = None if self.groups is None else self.groups()
+        return list(idx) if idx is not None and len(idx) == n else list(range(n))
+
+    def set_hyper(self, k:str, # fastai's name ('lr', 'mom', 'sqr_mom', 'wd', 'eps') or torch's
+                  v): # A number; a list or a `slice`, one per splitter group (or a list, one per param group)
+        "Set hyper-parameter `k` in every param group, as fastai's `Optimizer.set_hyper`"
+        v = _plain(v)
+        if self.before_decay is not None and _is_wd(k) and _nonzero(v): self.before_decay()
+        idx = self.split_idx()
+        n = max(idx) + 1 if idx else 1
+        if isinstance(v, (list, tuple)) and len(v) == len(idx) != n: idx,n = list(range(len(idx))),len(idx)
+        set_group_hyper(self.opt, idx, k, group_values(v, n))
+
+    def set_hypers(self, **kwargs):
+        "`set_hyper(k, v)` for each keyword argument"
+        for k,v in kwargs.items(): self.set_hyper(k, v)
+
+def add_hypers(opt, # A torch optimizer
+               groups=None, # `groups()` -> the splitter group of each param group; None: each param group is one
+               before_decay=None): # Called before a `wd` other than 0 is set
+    "Give `opt` fastai's `hypers`, `set_hyper` and `set_hypers` as instance attributes (its class is unchanged); the view"
+    hp = OptHypers(opt, groups, before_decay)
+    for name,v in (('hypers', hp), ('set_hyper', hp.set_hyper), ('set_hypers', hp.set_hypers)):
+        if not hasattr(type(opt), name): setattr(opt, name, v)  # an optimizer class of fastai's kind keeps its own
+    return hp

@@ -243,6 +243,9 @@ def import_matplotlib(what:str, # What needs it, named in the error: 'Recorder.p
         raise ImportError(f"{what} needs matplotlib, which could not be imported ({e}): pip install matplotlib") from e
 
 # %% ../nbs/02_recorder.ipynb #fec4c67a
+def _floats(ts): return torch.stack(list(ts)).tolist() if len(ts) else []  # (checkpoints keep plain floats)
+def _tensors(fs): return list(torch.tensor([float(o) for o in fs], dtype=torch.float32).unbind(0)) if len(fs) else []
+
 class Recorder(Callback):
     "Callback that registers statistics (lr, loss and metrics) during training"
     order,remove_on_fetch,agree_cancels = 50,True,False  # it never cancels: no agreement between ranks needed
@@ -344,8 +347,9 @@ class Recorder(Callback):
 
     @property
     def losses(self):
-        "Smoothed training loss of every batch (Python floats): computed when read, with one copy to the host"
-        self._losses += self.smooth_loss.pop_history()
+        "Smoothed training loss of every batch, 0-d float32 CPU tensors as in fastai: computed when read (one copy to the host)"
+        h = self.smooth_loss.pop_history()
+        if h: self._losses += torch.tensor(h, dtype=torch.float32).unbind(0)  # views of one tensor per read
         return self._losses
 
     def plot_loss(self, skip_start:int=5, # Number of first batches to skip
@@ -353,8 +357,8 @@ class Recorder(Callback):
         "Plot the losses from `skip_start` and onward"
         plt = import_matplotlib('Recorder.plot_loss')
         fig,ax = plt.subplots()
-        losses = self.losses
-        ax.plot(list(range(skip_start, len(losses))), losses[skip_start:], label='train')
+        losses = self.losses[skip_start:]
+        ax.plot(list(range(skip_start, skip_start + len(losses))), _floats(losses), label='train')
         if with_valid and 'valid_loss' in self.metric_names:
             idx = [i for i,it in enumerate(self.iters) if it > skip_start]
             col = self.metric_names.index('valid_loss') - 1
@@ -366,7 +370,7 @@ class Recorder(Callback):
     # ---- the checkpoint state
     def state_dict(self):
         "The recorded history, and the running loss and metric accumulators of the current epoch"
-        return {'lrs': list(self.lrs), 'iters': list(self.iters), 'losses': list(self.losses),
+        return {'lrs': list(self.lrs), 'iters': list(self.iters), 'losses': _floats(self.losses),
                 'values': [list(v) for v in self.values], 'metric_names': list(self.metric_names),
                 'smooth_loss': self.smooth_loss.state_dict(), 'loss': self.loss.state_dict(),
                 'metrics': [m.state_dict() for m in self.learn.metrics] if self.learn is not None else [],
@@ -375,7 +379,7 @@ class Recorder(Callback):
     def load_state_dict(self, sd):
         "Restore what `state_dict` returned (a checkpoint of a fit with other metrics is refused)"
         self.check_state_dict(sd)
-        self.lrs,self.iters,self._losses = list(sd['lrs']),list(sd['iters']),list(sd['losses'])
+        self.lrs,self.iters,self._losses = list(sd['lrs']),list(sd['iters']),_tensors(sd['losses'])
         self.values,self.metric_names = [list(v) for v in sd['values']],list(sd['metric_names'])
         self.smooth_loss.pop_history()  # smoothed losses not recorded yet belong to the history replaced
         if 'smooth_loss' not in sd: return  # a history only

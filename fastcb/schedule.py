@@ -13,7 +13,7 @@ from fastcore.foundation import L
 from .core import *
 from .data import check_dl, len_or_none
 from .learner import *
-from .optim import check_hyper
+from .optim import check_hyper, hyper_key
 from .recorder import import_matplotlib
 
 # %% auto #0
@@ -103,22 +103,21 @@ def combined_cos(pct:float, # Fraction of the training going from `start` to `mi
     return combine_scheds([pct, 1-pct], [SchedCos(start, middle), SchedCos(middle, end)])
 
 # %% ../nbs/08_schedule.ipynb #452e7bac
-def _has_hyper(pg, k):
-    "Whether param group `pg` has hyper-parameter `k` in `set_hyper`'s sense"
-    k = {'wd': 'weight_decay'}.get(k, k)
-    if k in ('mom', 'momentum', 'beta1'): return 'betas' in pg or 'momentum' in pg
-    return k in pg
-
 class ParamScheduler(Callback):
     "Schedule hyper-parameters according to `scheds`"
     order,run_valid,agree_cancels = 60,False,False
     needs_len = True  # positions are fractions of the whole training: the number of batches must be known in advance
-    def __init__(self, scheds:dict): # `{name: f(pos)}`: 'lr', 'mom', 'wd' or any param-group key, `f` from 0 to 1
+    def __init__(self, scheds:dict): # `{name: f(pos)}`: 'lr', 'mom', 'sqr_mom', 'wd', 'eps' or any param-group key
+        self.scheds = scheds
+        self._check_scheds()
+        self.scheds,self.hps = dict(scheds),{k: [] for k in scheds}
+
+    def _check_scheds(self):
+        scheds = self.scheds  # (a subclass may set it without calling `__init__`, as fastai's LRFinder does)
         if not isinstance(scheds, dict) or not scheds:
             raise TypeError(f"ParamScheduler needs a dict {{hyper-parameter: schedule}}, e.g. {{'lr': SchedCos(1e-2, 1e-5)}}; got {scheds!r}")
         for k,f in scheds.items():
             if not callable(f): raise TypeError(f"The schedule of {k!r} ({f!r}) is not callable: use e.g. SchedCos(start, end), or any f(pos)")
-        self.scheds,self.hps,self._vals = dict(scheds),{k: [] for k in scheds},{}
 
     def before_fit(self):
         "Check the optimizer has every scheduled hyper-parameter, set their first values, start the records"
@@ -127,14 +126,15 @@ class ParamScheduler(Callback):
             raise ValueError("ParamScheduler (one-cycle and the other schedules) needs the number of training batches, and "
                              "the training loader has no len(): give its dataset a __len__ (an IterableDataset may define "
                              "one), or train without a schedule (learn.fit)")
+        self._check_scheds()
         if learn.opt is None: learn.create_opt()
         pg = learn.opt.param_groups[0]
         for k in self.scheds:
-            if not _has_hyper(pg, k):
+            if hyper_key(pg, k) is None:
                 raise ValueError(f"ParamScheduler cannot schedule {k!r}: {type(learn.opt).__name__} has no such hyper-parameter; "
                                  f"its param groups have {sorted(o for o in pg if o != 'params')} "
-                                 f"('mom' means momentum or betas[0], 'wd' weight_decay)")
-        self.hps = {k: [] for k in self.scheds}
+                                 f"('mom' means momentum or betas[0], 'sqr_mom' betas[1], 'wd' weight_decay)")
+        self.hps,self._vals = {k: [] for k in self.scheds},{}  # made here: a subclass may skip `__init__`
         rec = learn.get_cb('recorder')
         if rec is not None: rec.hps = self.hps
         self._update_val(learn.pct_train)
@@ -433,7 +433,7 @@ def lr_find(self:Learner, start_lr=1e-7, # First learning rate
     if suggest_funcs is None:
         if show_plot: self.recorder.plot_lr_find()
         return None
-    lrs,losses = self.recorder.lrs[num_it//10:-5],self.recorder.losses[num_it//10:-5]
+    lrs,losses = self.recorder.lrs[num_it//10:-5],[float(l) for l in self.recorder.losses[num_it//10:-5]]
     nan = next((i for i,l in enumerate(losses) if not math.isfinite(l)), None)
     if nan is not None: lrs,losses = lrs[:nan],losses[:nan]
     if len(losses) < 2:

@@ -46,7 +46,7 @@ _building_blocks = {
                         'checkpoint_state cb_settings opt_hypers run_identity run_fingerprint seal check_seal put_at '
                         'shards_folder shards_of remove_shards sweep_orphan_shards weights_fingerprint data_fingerprint '
                         'run_world_size global_batches checkpoint_final'),
-    fastcb.preds: 'ordered_dl check_reducible',
+    fastcb.preds: 'ordered_dl check_reducible pad_fill pad_tensors',
     fastcb.averaging: 'plain_model check_not_sharded model_tensors batch_inputs',
     fastcb.training: 'beta_draw',
     fastcb.strategy: 'strategy_registry',

@@ -14,7 +14,7 @@ from .data import *
 from .sharded import *
 
 # %% auto #0
-__all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'clean_stale_tmp', 'atomic_save', 'CheckpointStorage',
+__all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'set_seed', 'clean_stale_tmp', 'atomic_save', 'CheckpointStorage',
            'LocalStorage', 'MemoryStorage', 'model_state', 'load_model_state', 'check_state_dict', 'opt_info',
            'check_opt_state', 'shards_name', 'shards_folder', 'shards_of', 'remove_shards', 'sweep_orphan_shards',
            'save_model', 'load_model', 'cb_keys', 'checkpoint_names', 'checkpoint_files', 'checkpoint_run',
@@ -57,6 +57,23 @@ def set_rng_state(st, dls=None):
         for i,s in enumerate(st['cuda'][:torch.cuda.device_count()]): torch.cuda.set_rng_state(s, i)
     if dls is not None:
         for g,s in zip(loader_generators(dls), st.get('loaders', [])): g.set_state(s)
+
+# %% ../nbs/04_checkpoint.ipynb #5bac0415
+def set_seed(seed:int, # A seed, 0 to 2**32 - 1
+             reproducible:bool|str=False): # True: deterministic algorithms only (errors for an op without one); 'warn': warn
+    "Seed Python's, numpy's and torch's random generators (the CPU's and every CUDA device's)"
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"set_seed needs an int seed in [0, 2**32), got {seed!r}")
+    if reproducible not in (False, True, 'warn'): raise ValueError(f"reproducible must be False, True or 'warn', got {reproducible!r}")
+    random.seed(seed)
+    try: import numpy as np
+    except ImportError: np = None
+    if np is not None: np.random.seed(seed)
+    torch.manual_seed(seed)  # (every CUDA device's too)
+    if reproducible:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # what cuBLAS needs to be deterministic
+        torch.backends.cudnn.deterministic,torch.backends.cudnn.benchmark = True,False
+        torch.use_deterministic_algorithms(True, warn_only=reproducible == 'warn')
 
 # %% ../nbs/04_checkpoint.ipynb #9ea9ae3b
 _tmp_re = re.compile(r'^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$')  # atomic_save's temporary files

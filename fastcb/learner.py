@@ -651,7 +651,8 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
               with_preds:bool=True, # Return the predictions (False with `save_preds`: peak memory of one batch)
               with_targs:bool=True, # Return the targets
               concat_dim:int=0, # Dimension along which batches are concatenated
-              pickle_protocol:int=2): # Pickle protocol of the saved files
+              pickle_protocol:int=2, # Pickle protocol of the saved files
+              pad_value=None): # Sizes that differ between batches: None pads (NaN, -100 for ints), a number pads, False refuses
     "Get the predictions and targets on the `ds_idx`-th dataset or `dl`, optionally `with_input` and `with_loss`"
     dl = self._eval_dl(ds_idx, dl)
     if reorder: dl = ordered_dl(dl)
@@ -664,7 +665,7 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
     dec_is_pred = with_decoded and decodes is None and with_preds
     cb = GatherPredsCallback(with_input=with_input, with_loss=with_loss, save_preds=save_preds, save_targs=save_targs,
                              with_preds=with_preds, with_targs=with_targs, concat_dim=concat_dim, act=act, decodes=decodes,
-                             pickle_protocol=pickle_protocol, with_decoded=with_decoded and not dec_is_pred)
+                             pickle_protocol=pickle_protocol, with_decoded=with_decoded and not dec_is_pred, pad_value=pad_value)
     with ExitStack() as stack:
         stack.enter_context(_keep_rng([*self.dls, dl]))  # as `validate`
         stack.enter_context(self.no_logging())

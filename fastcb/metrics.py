@@ -15,10 +15,10 @@ from .learner import *
 from .recorder import TorchMetric  # defined with the Recorder; `from fastcb.metrics import TorchMetric` works too
 
 # %% auto #0
-__all__ = ['rmse', 'exp_rmspe', 'skm_to_fastai', 'perplexity', 'accuracy', 'error_rate', 'accuracy_multi', 'top_k_accuracy',
-           'mse', 'mae', 'msle', 'RMSE', 'ExpRMSPE', 'Precision', 'Recall', 'FBeta', 'F1Score', 'CSVLogger',
-           'ActivationType', 'AccumMetric', 'skm_to_fastcb', 'R2Score', 'RocAuc', 'RocAucBinary', 'Perplexity',
-           'LossMetric', 'LossMetrics', 'ValueMetric', 'TensorBoardCallback']
+__all__ = ['rmse', 'exp_rmspe', 'perplexity', 'accuracy', 'error_rate', 'accuracy_multi', 'top_k_accuracy', 'mse', 'mae', 'msle',
+           'RMSE', 'ExpRMSPE', 'Precision', 'Recall', 'FBeta', 'F1Score', 'CSVLogger', 'ActivationType', 'AccumMetric',
+           'skm_to_fastcb', 'skm_to_fastai', 'R2Score', 'RocAuc', 'RocAucBinary', 'Perplexity', 'LossMetric',
+           'LossMetrics', 'ValueMetric', 'TensorBoardCallback']
 
 # %% ../nbs/11_metrics.ipynb #d7e113d2
 def _flat_check(inp, targ, what='prediction'):
@@ -455,7 +455,9 @@ def skm_to_fastcb(func, # A function of `sklearn.metrics`, `func(y_true, y_pred,
     if m.lower_is_better is None: m.lower_is_better = _skm_direction(func)
     return m
 
-skm_to_fastai = skm_to_fastcb  # the name fastai code uses
+def skm_to_fastai(func, *args, **kwargs): # As for `skm_to_fastcb`
+    "fastai's name for `skm_to_fastcb`, so that fastai code runs unchanged"
+    return skm_to_fastcb(func, *args, **kwargs)
 
 # %% ../nbs/11_metrics.ipynb #85b9a7d4
 def _skm(name):

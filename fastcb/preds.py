@@ -18,8 +18,44 @@ from .core import *
 from .data import *
 
 # %% auto #0
-__all__ = ['ordered_dl', 'GatherPredsCallback', 'check_reducible', 'loss_activation', 'loss_decodes', 'load_preds',
-           'FetchPredsCallback']
+__all__ = ['pad_fill', 'pad_tensors', 'ordered_dl', 'GatherPredsCallback', 'check_reducible', 'loss_activation', 'loss_decodes',
+           'load_preds', 'FetchPredsCallback']
+
+# %% ../nbs/05_preds.ipynb #433d740f
+def pad_fill(dtype:torch.dtype, # The dtype of the tensor to pad
+             pad_value=None, # A number, or `None`: NaN for floats, -100 for signed integers, 0 (`False`) otherwise
+             what:str='tensor'): # What is padded, for the error message
+    "The value that pads a tensor of `dtype`: `pad_value`, or by default NaN, -100 or 0"
+    if pad_value is None:
+        if dtype.is_floating_point or dtype.is_complex: return float('nan')
+        return -100 if dtype.is_signed else 0
+    try: v = torch.full((), pad_value, dtype=dtype).item()
+    except (RuntimeError, TypeError, OverflowError): v = None
+    if v is None or not (v == pad_value or (v != v and pad_value != pad_value)):
+        raise ValueError(f"pad_value={pad_value!r} cannot be stored in the {what}, of dtype {dtype}: pass a number "
+                         f"that can, or pad_value=None (NaN for floats, -100 for signed integers, 0 otherwise)")
+    return pad_value
+
+# %% ../nbs/05_preds.ipynb #b876c649
+def pad_tensors(ts:list, # Tensors of the same rank
+                dim:int=0, # The dimension left as it is (the batch); the others are padded at their end
+                pad_value=None): # As in `pad_fill`
+    "Tensors `ts` padded to their largest size along every dimension but `dim`"
+    if not ts: return []
+    nd = ts[0].ndim
+    if any(t.ndim != nd for t in ts):
+        raise ValueError(f"Cannot pad tensors of different ranks: {[tuple(t.shape) for t in ts]}")
+    d = dim % nd if nd and -nd <= dim < nd else 0
+    size = [max(t.shape[i] for t in ts) for i in range(nd)]
+    res = []
+    for t in ts:
+        want = [s if i != d else t.shape[d] for i,s in enumerate(size)]
+        if list(t.shape) != want:
+            o = t.new_full(want, pad_fill(t.dtype, pad_value))
+            o[tuple(slice(0, s) for s in t.shape)] = t
+            t = o
+        res.append(t)
+    return res
 
 # %% ../nbs/05_preds.ipynb #22bb969b
 class _Mismatch(Exception): pass
@@ -31,7 +67,7 @@ def _check_rank(t, dim, what, i):
                          f"(rank {t.ndim}); use a concat_dim in [0, {max(t.ndim-1, 0)}]")
 
 class _Leaf:
-    "The batches of one tensor, copied into one preallocated (and, if needed, geometrically grown) CPU buffer"
+    "The batches of one tensor, copied into one preallocated (and, if needed, geometrically grown or padded) CPU buffer"
     def __init__(self, g): self.g,self.buf,self.n = g,None,0
 
     def _start(self, t, i):
@@ -43,28 +79,36 @@ class _Leaf:
         n_items,n_batches,first_bs = g.plan
         k = t.shape[self.d]
         cap = n_items if n_items is not None and k == first_bs else k*(n_batches or 1)
-        self.shape = list(t.shape)
-        self.buf = torch.empty(self.shape[:self.d] + [max(cap, k)] + self.shape[self.d+1:], dtype=t.dtype)
+        shape = list(t.shape)
+        self.buf = torch.empty(shape[:self.d] + [max(cap, k)] + shape[self.d+1:], dtype=t.dtype)
 
     def add(self, t, i):
         if not isinstance(t, torch.Tensor): raise _Mismatch()
         if self.buf is None: self._start(t, i)
         if t.ndim == 0: t = t.reshape(1)
-        d = self.d
-        if t.ndim != len(self.shape) or t.shape[:d] != self.buf.shape[:d] or t.shape[d+1:] != self.buf.shape[d+1:]:
-            raise _Mismatch()
+        d,sh = self.d,list(self.buf.shape)
+        if t.ndim != len(sh): raise _Mismatch()
+        if t.shape[:d] != self.buf.shape[:d] or t.shape[d+1:] != self.buf.shape[d+1:]:
+            if self.g.pad_value is False: raise _Mismatch()
         if t.dtype != self.buf.dtype: self.buf = self.buf.to(torch.promote_types(self.buf.dtype, t.dtype))
         k = t.shape[d]; end = self.n + k
-        if end > self.buf.shape[d]: self._grow(end)
-        self.buf.narrow(d, self.n, k).copy_(t)
+        want = [max(a, b) for a,b in zip(sh, t.shape)]; want[d] = sh[d]
+        if end > sh[d]: want[d] = max(end, int(sh[d]*1.5) + 1)  # amortised O(1) copies per item
+        if want != sh: self._realloc(want)
+        slot = self.buf.narrow(d, self.n, k)
+        if slot.shape != t.shape: slot.fill_(self._fill()); slot = slot[tuple(slice(0, s) for s in t.shape)]
+        slot.copy_(t)
         self.n = end
 
-    def _grow(self, end):
-        "Reallocate the buffer to at least 1.5 times its size (amortised O(1) copies per item)"
+    def _fill(self): return pad_fill(self.buf.dtype, self.g.pad_value, self.g.what)
+
+    def _realloc(self, shape):
+        "Reallocate the buffer to `shape`: longer along the batch dimension, or padded along the others"
         d,old = self.d,self.buf
-        shape = list(old.shape); shape[d] = max(end, int(old.shape[d]*1.5) + 1)
         self.buf = torch.empty(shape, dtype=old.dtype)
-        self.buf.narrow(d, 0, self.n).copy_(old.narrow(d, 0, self.n))
+        new,old = self.buf.narrow(d, 0, self.n),old.narrow(d, 0, self.n)
+        if new.shape != old.shape: new.fill_(self._fill()); new = new[tuple(slice(0, s) for s in old.shape)]
+        new.copy_(old)
 
     def result(self):
         if self.buf is None: return None
@@ -106,8 +150,8 @@ class _Objs:
 # %% ../nbs/05_preds.ipynb #eaf04cbb
 class _Gather:
     "Gather the batches of one quantity (`what`) along `dim`, structure-wise, into preallocated CPU tensors"
-    def __init__(self, what, dim=0, plan=(None, None, None), strict=False):
-        store_attr('what,dim,plan,strict')
+    def __init__(self, what, dim=0, plan=(None, None, None), strict=False, pad_value=False):
+        store_attr('what,dim,plan,strict,pad_value')
         self.root,self.first,self.n_batches = None,None,0
 
     def _node(self, b):
@@ -123,9 +167,14 @@ class _Gather:
         except _Mismatch as e:
             where = f" (entry {e.args[0]})" if e.args and e.args[0] else ''
             raise ValueError(f"Cannot gather the {self.what}{where}: batch {i} has shape {shapes(b)} but batch 0 had "
-                             f"{self.first}; all batches must have the same structure and shapes except along "
-                             f"concat_dim={self.dim} (pad or crop them, e.g. in the collate_fn)") from None
+                             f"{self.first}; all batches must have the same structure and "
+                             f"{self._allowed()}") from None
         self.n_batches += 1
+
+    def _allowed(self):
+        if self.pad_value is not False: return "number of dimensions (their sizes are padded)"
+        return (f"shapes except along concat_dim={self.dim}: pass pad_value=None to pad them (-100 for integers, NaN "
+                f"for floats) or a number to pad with, or pad or crop them in the collate_fn")
 
     def result(self):
         "The gathered tensors (`None` if no batch was added)"
@@ -241,19 +290,20 @@ class GatherPredsCallback(Callback):
                  pickle_protocol:int=2, # Pickle protocol used to save predictions and targets
                  act=None, # Applied to the predictions before they are gathered
                  decodes=None, # Applied to the (activated) predictions to gather `decoded`
-                 with_decoded:bool=False): # Gather the decoded predictions
+                 with_decoded:bool=False, # Gather the decoded predictions
+                 pad_value=None): # Pad batches of different sizes (see `pad_fill`); False: refuse them
         if not isinstance(concat_dim, int) or isinstance(concat_dim, bool):
             raise TypeError(f"concat_dim must be an int (the batch dimension of the predictions), got {concat_dim!r}")
         save_preds,save_targs = _check_save_path(save_preds, 'save_preds'),_check_save_path(save_targs, 'save_targs')
         store_attr('with_input,with_loss,save_preds,save_targs,with_preds,with_targs,concat_dim,pickle_protocol')
         self.inputs,self.preds,self.targets,self.losses,self.decoded = None,None,None,None,None
-        self.act,self.decodes,self.with_decoded = act,decodes,with_decoded
+        self.act,self.decodes,self.with_decoded,self.pad_value = act,decodes,with_decoded,pad_value
         self._g,self._savers,self._n = dict.fromkeys(('inputs', 'preds', 'targets', 'decoded', 'losses')),{},0
 
     def before_validate(self):
         "Start empty gatherers sized from the loader, and new numbered files"
         plan,dim = _loader_plan(self.learn.dl),self.concat_dim
-        mk = lambda what, d=dim, strict=False: _Gather(what, d, plan, strict)
+        mk = lambda what, d=dim, strict=False: _Gather(what, d, plan, strict, self.pad_value)
         self._g = {'inputs': mk('inputs') if self.with_input else None,
                    'preds': mk('predictions', strict=True) if self.with_preds else None,
                    'targets': mk('targets') if self.with_targs else None,
@@ -411,7 +461,8 @@ def _check_run(path, kind, run, meta, files, incomplete):
 def load_preds(path, # The folder given as `save_preds` (or `save_targs`)
                kind:str='preds', # 'preds' for predictions, 'targs' for targets
                run:int|None=None, # Which call's files (the number after `kind_`); default: the latest
-               incomplete:bool=False): # Also load a call that did not complete (the batches it wrote)
+               incomplete:bool=False, # Also load a call that did not complete (the batches it wrote)
+               pad_value=None): # Pad batches of different sizes (see `pad_fill`); False: refuse them
     "Load the predictions (or targets) that `get_preds(save_preds=path)` streamed to disk, as one tensor"
     if kind not in ('preds', 'targs'): raise ValueError(f"kind must be 'preds' or 'targs', got {kind!r}")
     path = Path(path)
@@ -421,7 +472,8 @@ def load_preds(path, # The folder given as `save_preds` (or `save_targs`)
     if run not in runs: raise FileNotFoundError(f"No run {run} of {kind} in '{path}'; the runs there are {runs}")
     meta = _read_manifest(path/f'{kind}_{run:03d}.json')
     fs,sizes,dim = _check_run(path, kind, run, meta, _batch_files(path, kind, run), incomplete)
-    g = _Gather('saved predictions' if kind == 'preds' else 'saved targets', dim, (sum(sizes), len(fs), sizes[0] if sizes else None))
+    plan = (sum(sizes), len(fs), sizes[0] if sizes else None)
+    g = _Gather('saved predictions' if kind == 'preds' else 'saved targets', dim, plan, pad_value=pad_value)
     for i,f in enumerate(fs): g.add(_load_batch(f), i)
     return g.result()
 

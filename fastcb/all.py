@@ -45,7 +45,7 @@ _building_blocks = {
                         'check_state_dict opt_info check_opt_state shards_name cb_keys checkpoint_names checkpoint_run '
                         'checkpoint_state cb_settings opt_hypers run_identity run_fingerprint seal check_seal put_at '
                         'shards_folder shards_of remove_shards sweep_orphan_shards weights_fingerprint data_fingerprint '
-                        'run_world_size global_batches checkpoint_final'),
+                        'run_world_size global_batches checkpoint_final keep_rng'),
     fastcb.preds: 'ordered_dl check_reducible pad_fill pad_tensors',
     fastcb.averaging: 'plain_model check_not_sharded model_tensors batch_inputs',
     fastcb.training: 'beta_draw',

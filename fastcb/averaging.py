@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import swa_utils
 from .core import *
 from .data import to_device, is_plain
-from .checkpoint import rng_state, set_rng_state
+from .checkpoint import rng_state, set_rng_state, keep_rng
 from .learner import *
 
 # %% auto #0
@@ -258,9 +258,8 @@ class SWA(Callback):
         model = plain_model(learn.model)
         if not _has_bn(model): return
         dl,dev = learn.dls.train if dl is None else dl,next(model.parameters()).device
-        st = rng_state(learn.dls)
-        try: swa_utils.update_bn(((b,) for b in dl), _Inputs(model, lambda b: batch_inputs(learn, b, dev)))
-        finally: set_rng_state(st, learn.dls)
+        with keep_rng(learn.dls):
+            swa_utils.update_bn(((b,) for b in dl), _Inputs(model, lambda b: batch_inputs(learn, b, dev)))
 
     def state_dict(self):
         "The average (and the number of epochs averaged), the state of `SWALR` (nothing before a fit)"

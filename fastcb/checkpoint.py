@@ -6,6 +6,7 @@
 from __future__ import annotations
 import errno, inspect, io, os, random, re, shutil, sys, time, warnings, zlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
@@ -14,11 +15,11 @@ from .data import *
 from .sharded import *
 
 # %% auto #0
-__all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'set_seed', 'clean_stale_tmp', 'atomic_save', 'CheckpointStorage',
-           'LocalStorage', 'MemoryStorage', 'model_state', 'load_model_state', 'check_state_dict', 'opt_info',
-           'check_opt_state', 'shards_name', 'shards_folder', 'shards_of', 'remove_shards', 'sweep_orphan_shards',
-           'save_model', 'load_model', 'cb_keys', 'checkpoint_names', 'checkpoint_files', 'checkpoint_run',
-           'checkpoint_final', 'checkpoint_state', 'cb_settings', 'opt_hypers', 'weights_fingerprint',
+__all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'keep_rng', 'set_seed', 'clean_stale_tmp', 'atomic_save',
+           'CheckpointStorage', 'LocalStorage', 'MemoryStorage', 'model_state', 'load_model_state', 'check_state_dict',
+           'opt_info', 'check_opt_state', 'shards_name', 'shards_folder', 'shards_of', 'remove_shards',
+           'sweep_orphan_shards', 'save_model', 'load_model', 'cb_keys', 'checkpoint_names', 'checkpoint_files',
+           'checkpoint_run', 'checkpoint_final', 'checkpoint_state', 'cb_settings', 'opt_hypers', 'weights_fingerprint',
            'data_fingerprint', 'run_world_size', 'global_batches', 'run_identity', 'run_fingerprint', 'seal',
            'check_seal', 'put_at', 'CheckpointCallback']
 
@@ -57,6 +58,13 @@ def set_rng_state(st, dls=None):
         for i,s in enumerate(st['cuda'][:torch.cuda.device_count()]): torch.cuda.set_rng_state(s, i)
     if dls is not None:
         for g,s in zip(loader_generators(dls), st.get('loaders', [])): g.set_state(s)
+
+@contextmanager
+def keep_rng(dls=None): # Loaders whose own generators are kept too
+    "Run the block, then put every random generator back as `rng_state` found it (however the block ends)"
+    st = rng_state(dls)
+    try: yield
+    finally: set_rng_state(st, dls)
 
 # %% ../nbs/04_checkpoint.ipynb #5bac0415
 def set_seed(seed:int, # A seed, 0 to 2**32 - 1
@@ -579,17 +587,12 @@ def _item_crc(o, crc=0):
 def _read_items(ds, idx):
     "The CRC32 of items `idx` of `ds`, read with the random generators seeded and then put back as they were"
     np = sys.modules.get('numpy')
-    py,nps = random.getstate(),(np.random.get_state() if np is not None else None)
-    with torch.random.fork_rng(devices=[]):  # (torch's CPU generator; CUDA's are left alone)
-        try:
-            torch.default_generator.manual_seed(0); random.seed(0)
-            if np is not None: np.random.seed(0)
-            crc = 0
-            for i in idx: crc = _item_crc(ds[i], crc)
-            return crc
-        finally:
-            random.setstate(py)
-            if np is not None: np.random.set_state(nps)
+    with keep_rng():
+        torch.default_generator.manual_seed(0); random.seed(0)  # (torch's CPU generator; CUDA's are left alone)
+        if np is not None: np.random.seed(0)
+        crc = 0
+        for i in idx: crc = _item_crc(ds[i], crc)
+        return crc
 
 def _positions(idx):
     "Indices (a list, range or tensor of ints) as a sorted tensor, or None"

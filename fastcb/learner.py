@@ -587,13 +587,6 @@ def unfreeze(self:Learner):
     self.freeze_to(0)
 
 # %% ../nbs/06_learner.ipynb #053aeb3d
-@contextmanager
-def _keep_rng(dls):
-    "Leave the random generators (Python's, NumPy's, torch's, the loaders') as they were"
-    st = rng_state(dls)
-    try: yield
-    finally: set_rng_state(st, dls)
-
 @patch
 def _eval_dl(self:Learner, ds_idx=1, dl=None):
     "The loader to evaluate: `dl`, else `dls[ds_idx]`, with a clear error"
@@ -630,7 +623,7 @@ def validate(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (1: vali
     "Validate on `dl` (default: `dls[ds_idx]`): returns `[valid_loss, *metrics]`"
     dl = self._eval_dl(ds_idx, dl); _warn_empty(dl)
     dls = [*self.dls, dl]  # iterating a loader draws from the random generators: leave them as they were
-    with _keep_rng(dls), self.added_cbs(cbs), self.no_logging():
+    with keep_rng(dls), self.added_cbs(cbs), self.no_logging():
         self.final_record = None
         self._validate_run(dl)
     return self.final_record
@@ -667,7 +660,7 @@ def get_preds(self:Learner, ds_idx:int=1, # Index of the loader in `dls` (0: tra
                              with_preds=with_preds, with_targs=with_targs, concat_dim=concat_dim, act=act, decodes=decodes,
                              pickle_protocol=pickle_protocol, with_decoded=with_decoded and not dec_is_pred, pad_value=pad_value)
     with ExitStack() as stack:
-        stack.enter_context(_keep_rng([*self.dls, dl]))  # as `validate`
+        stack.enter_context(keep_rng([*self.dls, dl]))  # as `validate`
         stack.enter_context(self.no_logging())
         stack.enter_context(self.removed_cbs([c for c in self.cbs if c.remove_on_fetch]))  # the epoch's books: see below
         stack.enter_context(self.added_cbs([*L(cbs), cb]))

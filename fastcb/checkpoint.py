@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno, inspect, io, os, random, re, shutil, sys, time, warnings, zlib
 from collections import OrderedDict
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
@@ -16,12 +17,12 @@ from .sharded import *
 
 # %% auto #0
 __all__ = ['loader_generators', 'rng_state', 'set_rng_state', 'keep_rng', 'set_seed', 'clean_stale_tmp', 'atomic_save',
-           'CheckpointStorage', 'LocalStorage', 'MemoryStorage', 'model_state', 'load_model_state', 'check_state_dict',
-           'opt_info', 'check_opt_state', 'shards_name', 'shards_folder', 'shards_of', 'remove_shards',
-           'sweep_orphan_shards', 'save_model', 'load_model', 'cb_keys', 'checkpoint_names', 'checkpoint_files',
-           'checkpoint_run', 'checkpoint_final', 'checkpoint_state', 'cb_settings', 'opt_hypers', 'weights_fingerprint',
-           'data_fingerprint', 'run_world_size', 'global_batches', 'run_identity', 'run_fingerprint', 'seal',
-           'check_seal', 'put_at', 'CheckpointCallback']
+           'CheckpointStorage', 'LocalStorage', 'MemoryStorage', 'is_url', 'FsspecStorage', 'storage_for',
+           'storage_and_name', 'model_state', 'load_model_state', 'check_state_dict', 'opt_info', 'check_opt_state',
+           'shards_name', 'shards_folder', 'shards_of', 'remove_shards', 'sweep_orphan_shards', 'save_model',
+           'load_model', 'cb_keys', 'checkpoint_names', 'checkpoint_files', 'checkpoint_run', 'checkpoint_final',
+           'checkpoint_state', 'cb_settings', 'opt_hypers', 'weights_fingerprint', 'data_fingerprint', 'run_world_size',
+           'global_batches', 'run_identity', 'run_fingerprint', 'seal', 'check_seal', 'put_at', 'CheckpointCallback']
 
 # %% ../nbs/04_checkpoint.ipynb #97df96ac
 def loader_generators(dls):
@@ -169,6 +170,12 @@ class CheckpointStorage:
     def commit_folder(self, tmp:str, name:str):
         "Make the folder written under `tmp` the folder `name`; here nothing (`tmp` is `name`)"
         if tmp != name: raise NotImplementedError
+    def modified(self, name:str):
+        "When `name` last changed (seconds since the epoch; a folder: its last write), or None if the storage cannot tell"
+        p = self.uri(name)
+        if not isinstance(p, Path): return None
+        try: return os.lstat(p).st_mtime
+        except OSError: return None
 
 # %% ../nbs/04_checkpoint.ipynb #84cbaaa7
 class LocalStorage(CheckpointStorage):
@@ -215,6 +222,94 @@ class MemoryStorage(CheckpointStorage):
         return sorted({n[len(pre):].split('/')[0] for n in self.objects if n.startswith(pre)})
     def remove(self, name):
         for n in [n for n in self.objects if n == name or n.startswith(name.rstrip('/') + '/')]: del self.objects[n]
+
+# %% ../nbs/04_checkpoint.ipynb #4e8c67df
+_url_re = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]+://')
+def is_url(p): # A path, a string, or anything else
+    "Whether `p` is a URL with a scheme ('s3://bucket/run', 'memory://run'), not a local path"
+    return isinstance(p, str) and _url_re.match(p) is not None
+
+def _fsspec(url):
+    "`fsspec`, with the file system of `url`'s protocol importable; an ImportError names what to install"
+    try: import fsspec
+    except ImportError:
+        raise ImportError(f"'{url}' is a URL: checkpoints and saves there need fsspec (pip install fsspec)") from None
+    proto = url.split('://')[0]
+    try: fsspec.get_filesystem_class(proto)
+    except ImportError as e:
+        pkg = {'s3': 's3fs', 's3a': 's3fs', 'gs': 'gcsfs', 'gcs': 'gcsfs', 'az': 'adlfs', 'abfs': 'adlfs'}.get(proto)
+        raise ImportError(f"'{url}': fsspec's {proto}:// file system needs a package"
+                          f"{f' (pip install {pkg})' if pkg else ''}: {e}") from None
+    return fsspec
+
+class FsspecStorage(CheckpointStorage):
+    "Objects under the root URL `url` through `fsspec` (S3, GCS, Azure, `memory://`...): each written whole, in one put"
+    def __init__(self, url:str, # The root: 's3://bucket/run', 'gs://bucket/run', 'memory://run'...
+                 **storage_options): # For the file system: credentials, `client_kwargs={'endpoint_url': ...}`...
+        fsspec = _fsspec(url)
+        self.url,self.storage_options = url if url.endswith('://') else url.rstrip('/'),storage_options
+        self.fs,self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+    def __repr__(self): return f"FsspecStorage('{self.url}')"
+    def _at(self, name): return f"{self.root.rstrip('/')}/{name}" if name else self.root
+    def uri(self, name): return f"{self.url}{'' if self.url.endswith('/') else '/'}{name}" if name else self.url
+    def save(self, obj, name):
+        buf = io.BytesIO(); torch.save(obj, buf)  # whole in memory first: the store gets one put
+        self.fs.pipe_file(self._at(name), buf.getvalue())
+    def load(self, name, map_location=None):
+        try: data = self.fs.cat_file(self._at(name))
+        except (FileNotFoundError, IsADirectoryError): raise FileNotFoundError(f"No object '{self.uri(name)}'") from None
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    def size(self, name): self.fs.invalidate_cache(self._at(name)); return self.fs.size(self._at(name))
+    def exists(self, name): self.fs.invalidate_cache(self._at(name)); return self.fs.exists(self._at(name))
+    def list(self, folder=''):
+        p = self._at(folder).rstrip('/')
+        self.fs.invalidate_cache(p)  # (another process may have written: listings are read fresh)
+        try: found = [f.rstrip('/') for f in self.fs.ls(p, detail=False)]
+        except (FileNotFoundError, NotADirectoryError): return []
+        return [f.rpartition('/')[2] for f in found if f != p]  # (`ls` of an object lists the object: not a folder)
+    def remove(self, name):
+        try: self.fs.rm(self._at(name), recursive=True)
+        except FileNotFoundError: pass
+        self.fs.invalidate_cache(self._at(name))
+    def new_folder(self, name):
+        "`name` itself: the shards are written in place (see above); refused with `storage_options` DCP would not get"
+        if self.storage_options:
+            raise NotImplementedError(
+                f"A sharded save to '{self.uri(name)}' is written by torch.distributed.checkpoint, which opens the URL with "
+                f"fsspec's own configuration: the storage_options given to {self!r} ({sorted(self.storage_options)}) would "
+                f"not reach it. Set them for the protocol (fsspec.config.conf['{self.url.split('://')[0]}'] = {{...}}, or "
+                f"the environment) and create the storage without them, or save a gathered file (full=True)")
+        return name
+    def modified(self, name):
+        "When `name` last changed, by the store's clock: the newest of its objects (None when the store does not tell)"
+        try: infos = list(self.fs.find(self._at(name), detail=True).values()) or [self.fs.info(self._at(name))]
+        except OSError: return None
+        def when(info):
+            keys = ('LastModified', 'mtime', 'updated', 'last_modified', 'created')  # (S3, local, GCS, Azure, memory)
+            t = next((info[k] for k in keys if info.get(k)), None)
+            if isinstance(t, str):
+                try: t = datetime.fromisoformat(t.replace('Z', '+00:00'))
+                except ValueError: return None
+            return t.timestamp() if isinstance(t, datetime) else float(t) if isinstance(t, (int, float)) else None
+        ts = [t for t in map(when, infos) if t is not None]
+        return max(ts) if len(ts) == len(infos) else None  # (an object without a time: cannot tell)
+
+def storage_for(path_or_url, # A local folder, or a URL: 's3://bucket/run', 'memory://run', 'file:///data/run'
+                **storage_options): # For a URL's fsspec file system (credentials, endpoint...)
+    "The `CheckpointStorage` of a folder: a `LocalStorage` for a local path (or a `file://` URL), else an `FsspecStorage`"
+    if not is_url(path_or_url):
+        if storage_options: raise ValueError(f"storage_options are for a URL, not the local path '{path_or_url}'")
+        return LocalStorage(path_or_url)
+    if path_or_url.startswith('file://') and not storage_options: return LocalStorage(path_or_url[len('file://'):])
+    return FsspecStorage(path_or_url, **storage_options)
+
+def storage_and_name(file, # A local file, or an object's URL
+                     **storage_options): # For a URL's fsspec file system
+    "`(storage, name)` of a file: the storage of its folder (`storage_for`) and its name there"
+    if not is_url(file): return LocalStorage(Path(file).parent),Path(file).name
+    scheme,rest = file.split('://', 1)
+    folder,_,name = rest.rstrip('/').rpartition('/')
+    return storage_for(f'{scheme}://{folder}', **storage_options),name
 
 # %% ../nbs/04_checkpoint.ipynb #e15e4160
 def _plain_key(k): return k.replace('_orig_mod.', '')
@@ -327,17 +422,15 @@ def shards_folder(name, # The name of a sharded save or checkpoint (`model.pth`)
     return f'{parent}/{f}' if parent else f
 
 def _stored(file, storage):
-    "`(storage, name)` of `file`: a name in `storage`, or, without one, a local path"
+    "`(storage, name)` of `file`: a name in `storage`, or, without one, a local path or a URL"
     if storage is not None: return storage,str(file)
-    file = Path(file)
-    return LocalStorage(file.parent),file.name
+    return storage_and_name(file)
 
 def _age(storage, name):
     "Seconds since folder `name` last changed (its last file was written), or None when `storage` cannot tell"
-    p = storage.uri(name)
-    if not isinstance(p, Path): return None
-    try: return time.time() - os.lstat(p).st_mtime
-    except OSError: return None
+    own = callable(getattr(storage, 'modified', None))  # (a storage that does not subclass `CheckpointStorage`: its `uri`)
+    t = storage.modified(name) if own else CheckpointStorage.modified(storage, name)
+    return None if t is None else time.time() - t
 
 def shards_of(storage:CheckpointStorage, # The storage of the save
               name:str): # The name of a save (`model.pth`, `checkpoint_....pth`)
@@ -396,7 +489,7 @@ def sweep_orphan_shards(storage:CheckpointStorage, # The storage
             a = _age(storage, full)
             if f not in used and a is not None and a > age: storage.remove(full)
 
-def save_model(file, # The file to write (a name in `storage` when one is given)
+def save_model(file, # The file to write: a local path, a URL, or a name in `storage` when one is given
                model, # A `nn.Module`
                opt=None, # Its optimizer, or None
                with_opt:bool=True, # Also save the optimizer state
@@ -430,7 +523,7 @@ def _read_saved(storage, name, device):
         raise RuntimeError(f"Could not load '{file}': it is truncated, corrupt or not a torch checkpoint "
                            f"({type(e).__name__}: {str(e)[:200]})") from e
 
-def load_model(file, # The file `save_model` wrote (a name in `storage` when one is given)
+def load_model(file, # The file `save_model` wrote: a local path, a URL, or a name in `storage` when one is given
                model, # The `nn.Module` to load into
                opt=None, # Its optimizer (or a function returning it), loaded when the file has one (None: skipped)
                device=None, # Where to load the tensors
@@ -741,9 +834,10 @@ class CheckpointCallback(Callback):
     history_min = 4096  # lists of numbers at least this long in callbacks' states go to side files
     def __init__(self, every_n_iters:int|None=None, # Write a checkpoint every this many training batches (None: never)
                  every_epoch:bool=True, # Write a checkpoint at the end of every epoch
-                 path='checkpoints', # Folder of the checkpoints (relative to `learn.path`), without `storage`
+                 path='checkpoints', # Folder of the checkpoints (relative to `learn.path`), or a URL; without `storage`
                  keep:int|None=2, # How many of this run's latest checkpoints to keep (None: all, of every run)
-                 storage:CheckpointStorage|None=None): # Where the checkpoints go (None: the local folder `path`)
+                 storage:CheckpointStorage|None=None, # Where the checkpoints go (None: `storage_for(path)`)
+                 storage_options:dict|None=None): # For a URL `path`: its fsspec file system's (credentials, endpoint...)
         count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # (True is an int)
         if every_n_iters is not None and not count(every_n_iters):
             raise ValueError(f"every_n_iters must be a positive int (a number of batches) or None, got {every_n_iters!r}")
@@ -751,19 +845,25 @@ class CheckpointCallback(Callback):
             raise ValueError(f"keep must be a positive int (or None to keep every checkpoint), got {keep!r}")
         if every_n_iters is None and not every_epoch:
             raise ValueError("CheckpointCallback would never write: set every_n_iters=<batches> and/or every_epoch=True")
-        self.every_n_iters,self.every_epoch,self.path,self.keep,self.last = every_n_iters,every_epoch,Path(path),keep,None
+        if storage_options and not is_url(path): raise ValueError(f"storage_options are for a URL path, not '{path}'")
+        self.every_n_iters,self.every_epoch,self.keep,self.last = every_n_iters,every_epoch,keep,None
+        self.path = path if is_url(path) else Path(path)
+        self.storage_options,self.url_storage = storage_options or {},None  # (the URL's storage, made once)
         self.given_storage,self.tag,self.run_info,self.fresh,self._history = storage,None,None,False,_History()
 
     @property
     def folder(self):
-        "Where the checkpoints go without a `storage`: `path`, relative to `learn.path` unless absolute"
-        if self.path.is_absolute() or self.learn is None: return self.path
+        "Where the checkpoints go without a `storage`: `path`, relative to `learn.path` unless absolute or a URL"
+        if is_url(self.path) or self.path.is_absolute() or self.learn is None: return self.path
         return Path(self.learn.path)/self.path
 
     @property
     def storage(self):
-        "The `CheckpointStorage` of the checkpoints: the one given, else the local folder `folder`"
-        return self.given_storage if self.given_storage is not None else LocalStorage(self.folder)
+        "The `CheckpointStorage` of the checkpoints: the one given, else the folder or URL `folder` (`storage_for`)"
+        if self.given_storage is not None: return self.given_storage
+        if not is_url(self.path): return LocalStorage(self.folder)
+        if self.url_storage is None: self.url_storage = storage_for(self.path, **self.storage_options)
+        return self.url_storage
 
     def before_fit(self):
         "This fit's run: its identity, and its tag (the resumed run's when `fit(resume=...)` continues one of this identity)"

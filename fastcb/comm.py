@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from .data import tree_tensors, tree_map
+from .preds import pad_tensors
 
 # %% auto #0
 __all__ = ['DTYPES', 'HDR', 'SYNC', 'rank_distrib', 'num_distrib', 'encode_meta', 'decode_meta', 'check_shapes', 'group_for',
@@ -49,8 +50,9 @@ def decode_meta(enc):
 # %% ../nbs/13_comm.ipynb #c471bb25
 def check_shapes(metas, # `decode_meta` of every rank
                  names, # A name per tensor, for the error message
-                 dim:int=0): # The batch dimension, the only one allowed to differ
-    "A clear error when the ranks' tensors differ in number, dtype or shape (except along `dim`)"
+                 dim:int=0, # The batch dimension, the only one allowed to differ (unless `pad`)
+                 pad:bool=False): # The other dimensions may differ too (they will be padded): only ranks and dtypes must match
+    "A clear error when the ranks' tensors differ in number, dtype or shape (except along `dim`, or any size with `pad`)"
     m0 = metas[0]
     for r,m in enumerate(metas):
         if len(m) != len(m0):
@@ -59,10 +61,12 @@ def check_shapes(metas, # `decode_meta` of every rank
         for j,((dt,sh),(dt0,sh0)) in enumerate(zip(m, m0)):
             d = dim if -len(sh0) <= dim < len(sh0) else 0
             rest,rest0 = [s for i,s in enumerate(sh) if i != d % max(len(sh), 1)],[s for i,s in enumerate(sh0) if i != d % max(len(sh0), 1)]
-            if dt != dt0 or len(sh) != len(sh0) or rest != rest0:
+            if dt != dt0 or len(sh) != len(sh0) or (rest != rest0 and not pad):
+                fix = ("pass pad_value=None (or a number) to pad them" if not pad else "") if len(sh) == len(sh0) else ""
+                fix = f"{fix}{', or ' if fix else ''}pad them to a fixed size, e.g. in the collate_fn"
                 raise RuntimeError(f"Cannot gather the {names[j]} across processes: shape {sh0} on rank 0 but {sh} on rank "
                                    f"{r}{' (and different dtypes)' if dt != dt0 else ''}. They may differ only along "
-                                   f"dimension {d} (the batch); pad them to a fixed size, e.g. in the collate_fn")
+                                   f"dimension {d} (the batch){' and in size (padded)' if pad else ''}; {fix}")
 
 # %% ../nbs/13_comm.ipynb #3b4e8eb2
 def group_for(t, ctrl=None):
@@ -89,11 +93,12 @@ def _align(n): return (n + 15)//16*16  # 16-byte alignment: each tensor can be v
 def all_gather_tensors(ts, # Tensors of this rank
                        names, # A name per tensor, for error messages
                        ctrl=None, # Group for the headers (gloo); `None`: the default group
-                       dim:int=0): # The batch dimension (the only one that may differ between ranks)
+                       dim:int=0, # The batch dimension (the only one that may differ between ranks, unless `pad`)
+                       pad:bool=False): # Let the other dimensions differ too (`gather_tree` pads them)
     "Every rank's tensors `ts`: a list, per tensor, of the per-rank tensors (one header + one collective per device)"
     ws,me = dist.get_world_size(),dist.get_rank()
     metas = [decode_meta(e) for e in _headers(encode_meta(ts), ctrl)]
-    check_shapes(metas, names, dim)
+    check_shapes(metas, names, dim, pad)
     res,by_dev = [[None]*ws for _ in ts],{}
     for j,t in enumerate(ts): by_dev.setdefault(t.device, []).append(j)
     for dev,js in by_dev.items():
@@ -133,7 +138,8 @@ def gather_tree(parts, # Nested structures of tensors (`tree_tensors`)
                 ctrl=None, # As in `all_gather_tensors`
                 dim:int=0, # The batch dimension
                 keep:int|None=None, # Real items in the gathered batch (`Shard.n_real`); `None`: all
-                n_local:int|None=None): # This rank's batch size: only tensors of that length along `dim` are cut at `keep`
+                n_local:int|None=None, # This rank's batch size: only tensors of that length along `dim` are cut at `keep`
+                pad_value=False): # Pad sizes that differ between ranks (other than `dim`), as `pad_fill`; False: refuse them
     "`parts` with every tensor gathered from every rank: interleaved in dataset order, padding cut at `keep`"
     ts,tn = [],[]
     for n,b in zip(names, parts):
@@ -142,8 +148,9 @@ def gather_tree(parts, # Nested structures of tensors (`tree_tensors`)
     def one(p):
         d = dim if -p[0].ndim <= dim < p[0].ndim else 0
         cut = p[0].ndim and (n_local is None or p[0].shape[d] == n_local)
+        if pad_value is not False and p[0].ndim: p = pad_tensors(p, d, pad_value)  # (a no-op when the sizes agree)
         return interleave(p, d, keep if cut else None)
-    done = {id(t): one(p) for t,p in zip(ts, all_gather_tensors(ts, tn, ctrl, dim))}
+    done = {id(t): one(p) for t,p in zip(ts, all_gather_tensors(ts, tn, ctrl, dim, pad_value is not False))}
     return [tree_map(lambda t: done[id(t)], b) for b in parts]
 
 # %% ../nbs/13_comm.ipynb #9868822b

@@ -67,6 +67,7 @@ class DistributedCallback(Callback):
         self.device,self.ctrl,self.group,self.gather_inputs = torch.device(device),ctrl,group,gather_inputs
         self.rank,self.ws,self.ddp_kwargs = dist.get_rank(),dist.get_world_size(),ddp_kwargs
         self.ddp,self.shard,self.gather_x,self.dim,self.n_local,self.warned = None,None,False,0,0,set()
+        self.pad_value = None  # how sizes that differ between processes are padded when gathering (`gather_tree`)
         self.pos,self.check_hypers = SimpleNamespace(doing=None, describe=str),False
 
     def sync(self, name, **kwargs):
@@ -105,6 +106,8 @@ class DistributedCallback(Callback):
         self.gather_x = any(vars(cb).get('with_input', False) for cb in learn.cbs) if gx is None else gx
         dims = [d for cb in learn.cbs if isinstance(d := vars(cb).get('concat_dim'), int)]
         self.dim = dims[0] if dims else 0
+        pads = [vars(cb)['pad_value'] for cb in learn.cbs if cb is not self and 'pad_value' in vars(cb)]  # `get_preds`'s
+        self.pad_value = pads[0] if pads else None  # sizes that differ between processes are padded, as in one process
 
     def after_pred(self):
         "In evaluation, make `pred` and `yb` (and `xb`) those of the whole batch, from every process, in dataset order"
@@ -155,7 +158,7 @@ class DistributedCallback(Callback):
         sh,bs = shard_of(learn.dl),getattr(learn.dl, 'batch_size', None)
         keep = sh.n_real(learn.iter, self.n_local, bs) if sh is not None and sh.n is not None and bs else None
         self.pos.doing = f"gathering the {names[0]}"
-        res = gather_tree(parts, names, self.group, dim, keep, self.n_local)
+        res = gather_tree(parts, names, self.group, dim, keep, self.n_local, self.pad_value)
         self.pos.doing = None  # (after an error, kept for the report)
         return res
 

@@ -688,13 +688,16 @@ def loss_not_reduced(self:Learner):
 # %% ../nbs/06_learner.ipynb #3076ae96
 @patch
 def _model_file(self:Learner, file):
-    "`path/model_dir/file` (an absolute `file` as it is), with `.pth` added unless `file` ends with it"
+    "`path/model_dir/file` (an absolute path or a URL as it is), with `.pth` added unless `file` ends with it"
+    if is_url(file): return file if file.endswith('.pth') else file + '.pth'
     file = Path(file)
     if file.suffix != '.pth': file = file.with_name(file.name + '.pth')
-    return file if file.is_absolute() else Path(self.path)/self.model_dir/file
+    if file.is_absolute(): return file
+    if is_url(self.model_dir): return f"{self.model_dir.rstrip('/')}/{file.as_posix()}"
+    return Path(self.path)/self.model_dir/file
 
 @patch
-def save(self:Learner, file, # Name or relative path (under `path/model_dir`), or an absolute path; `.pth` is added if missing
+def save(self:Learner, file, # Name or path under `path/model_dir`, an absolute path, or a URL; `.pth` added if missing
          with_opt:bool=True, # Also save the optimizer state
          full:bool=False): # Sharded (FSDP): gather a plain file any `Learner` loads, instead of the processes' shards
     "Save model and optimizer state (if `with_opt`) to `self.path/self.model_dir/file`, atomically"

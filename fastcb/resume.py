@@ -46,10 +46,10 @@ def identity_diff(a, # The identity of the checkpoint's run
 # %% ../nbs/04a_resume.ipynb #08482d91
 class Candidates:
     "The checkpoints `fit(resume=...)` may continue from: this run's in `storage` ('latest'), or any run's (a folder)"
-    def __init__(self, storage, # A `CheckpointStorage`, or a local folder
+    def __init__(self, storage, # A `CheckpointStorage`, a local folder or a URL
                  any_run:bool=False): # Whether the checkpoints of any run are candidates
         local = isinstance(storage, (str, Path)) or not callable(getattr(storage, 'list', None))  # (a storage by its methods)
-        self.storage,self.any_run = LocalStorage(storage) if local else storage,any_run
+        self.storage,self.any_run = storage_for(storage) if local else storage,any_run
     folder = property(lambda self: self.storage.uri(''), doc="Where the candidates are (a path, or a URL)")
     def __repr__(self): return f"Candidates({self.storage!r}, any_run={self.any_run})"
 
@@ -64,12 +64,27 @@ def resume_file(learn, # The `Learner`
         if f is None: warnings.warn("resume='latest': no checkpoint written yet, training from the start"); return None
         storage = getattr(finders[0], 'storage', None)
         return f if storage is None else Candidates(storage)
+    if is_url(resume):
+        st = storage_for(resume)
+        if isinstance(st, LocalStorage): return resume_file(learn, st.root)  # a file:// URL
+        return _url_resume(resume, st)
     p = Path(resume)
     if p.is_dir():
         if not checkpoint_files(p): raise FileNotFoundError(f"resume='{p}': no checkpoint (checkpoint_*.pth) in this folder")
         return Candidates(p, any_run=True)
     if not p.exists(): raise FileNotFoundError(f"resume='{p}': no such checkpoint file or folder")
     return p
+
+# %% ../nbs/04a_resume.ipynb #da6842c0
+def _url_resume(url, st):
+    "What a URL `resume` names: the `Candidates` of a folder of checkpoints (`st`, its storage), or a checkpoint object"
+    if st.list():
+        if not checkpoint_names(st):
+            raise FileNotFoundError(f"resume='{url}': no checkpoint (checkpoint_*.pth) in this folder")
+        return Candidates(st, any_run=True)
+    parent,name = storage_and_name(url)
+    if not parent.exists(name): raise FileNotFoundError(f"resume='{url}': no such checkpoint object or folder")
+    return url
 
 # %% ../nbs/04a_resume.ipynb #c3dc21c3
 def _check_counters(lp, file):
@@ -340,7 +355,7 @@ class ResumePlan:
         self.identity,self.latest = run_identity(learn, n_epoch),isinstance(file, Candidates) and not file.any_run
         if isinstance(file, Candidates): self.storage,(self.name,self.sd) = file.storage,_pick(learn, file, n_epoch, self.identity)
         else:
-            self.storage,self.name = LocalStorage(Path(file).parent),Path(file).name
+            self.storage,self.name = storage_and_name(file)
             self.sd = _read_named(self.storage, self.name)
             check_checkpoint(learn, self.sd, self.storage.uri(self.name), n_epoch)
         self.file = None if self.name is None else self.storage.uri(self.name)

@@ -179,7 +179,7 @@ def _digests(names, where, group):
 def _commit(tmp, folder, storage):
     "Rank 0: the folder written at `tmp` becomes `folder`, in one step: it must not exist"
     if storage is None: return rename_folder(tmp, folder)
-    if storage.exists(folder):
+    if tmp != folder and storage.exists(folder):  # (an object store writes in place: `tmp` is `folder`)
         raise FileExistsError(f"'{storage.uri(folder)}' exists: a sharded save never replaces a folder")
     storage.commit_folder(tmp, folder)
 

@@ -32,6 +32,27 @@ def model(hidden=16):
     return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 3))  # no dropout
 
 def acc(pred, targ): return (pred.argmax(-1) == targ).float().mean()
+
+def tokens(n=19):
+    "Sequences of 2 to 9 tokens (of 10) with a class (of 3) per token"
+    g = torch.Generator().manual_seed(7)
+    lens = [2 + i % 8 for i in range(n)]  # under 2 processes, rank 0's batches are shorter than rank 1's
+    return [(torch.randint(0, 10, (l,), generator=g), torch.randint(0, 3, (l,), generator=g)) for l in lens]
+
+def token_collate(items):
+    "Pad a batch to its longest sequence: tokens with 0, targets with -100 (which the loss ignores)"
+    L = max(len(x) for x,_ in items)
+    xs = torch.stack([torch.cat([x, x.new_zeros(L-len(x))]) for x,_ in items])
+    ys = torch.stack([torch.cat([y, y.new_full((L-len(y),), -100)]) for _,y in items])
+    return xs, ys
+
+class TokenModel(nn.Module):
+    "A class per token from the token alone: outputs at real positions do not depend on the batch's padding"
+    def __init__(self):
+        super().__init__(); torch.manual_seed(2); self.emb,self.out = nn.Embedding(10, 8),nn.Linear(8, 3)
+    def forward(self, x): return self.out(self.emb(x))
+
+def token_loss(pred, targ): return nn.functional.cross_entropy(pred.flatten(0, 1), targ.flatten())  # -100: ignored
 '''
 
 MAIN = '''
@@ -167,6 +188,15 @@ def mismatch():
     with learn.distrib_ctx(): learn.fit(1)
 R['err_mismatch'] = error_of(mismatch)
 R['err_stream'] = error_of(lambda: stream_fit(Stream(64)))
+
+# a token classifier on text padded per batch: the processes' outputs differ in length and are padded when gathered
+from common import tokens, token_collate, TokenModel, token_loss
+tdl = DataLoader(tokens(), batch_size=4, collate_fn=token_collate)
+learn = Learner(DataLoaders(tdl, tdl), TokenModel(), loss_func=token_loss)
+with learn.distrib_ctx():
+    R['ragged'] = learn.get_preds(dl=tdl)
+    R['ragged_valid'] = learn.validate(dl=tdl)
+    R['err_ragged'] = error_of(lambda: learn.get_preds(dl=tdl, pad_value=False))
 torch.save(R, out/f'rank{rank}.pt')
 '''
 
@@ -346,3 +376,22 @@ def test_profiling_inside_distrib_ctx_keeps_ddp(job):
     # the weights at the end of the last training phase (before after_fit gives every rank rank 0's weights): the
     # ranks trained on different shards, so they are equal only if DDP synced the gradients
     for k, v in res[0]['prof_weights'].items(): assert torch.equal(res[1]['prof_weights'][k], v)
+
+
+def test_ragged_outputs_padded_across_processes(job):
+    "Outputs whose length differs between the processes are padded (NaN, -100), as in one process, in dataset order"
+    res, _ = job
+    ns = {}
+    exec(COMMON, ns)
+    from fastcb.learner import Learner, DataLoaders
+    tdl = DataLoader(ns['tokens'](), batch_size=4, collate_fn=ns['token_collate'])
+    learn = Learner(DataLoaders(tdl, tdl, device='cpu'), ns['TokenModel'](), loss_func=ns['token_loss'])
+    p, t = learn.get_preds(dl=tdl)
+    assert t.shape == (19, 9) and p.shape == (19, 9, 3)
+    for r in res:
+        rp, rt = r['ragged']
+        assert torch.equal(rt, t)  # targets: -100 beyond each sequence, whichever process padded them
+        real = t != -100
+        torch.testing.assert_close(rp[real], p[real], atol=1e-5, rtol=0)
+        assert torch.isfinite(torch.tensor(r['ragged_valid'])).all()
+        assert 'pass pad_value=None (or a number) to pad them' in r['err_ragged'], r['err_ragged']

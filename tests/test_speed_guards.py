@@ -220,7 +220,7 @@ def test_op_counter_sees_extra_ops():
 
 # ----------------------------------------------------------------------------------------------------- (b) lazy imports
 _HEAVY = ['matplotlib', 'pandas', 'sklearn', 'scipy', 'fastprogress', 'tqdm', 'rich', 'IPython', 'ipywidgets',
-          'tensorboard', 'torchmetrics', 'PIL']
+          'tensorboard', 'torchmetrics', 'PIL', 'wandb', 'mlflow', 'fsspec', 's3fs', 'boto3', 'botocore']
 
 def _imported_after(stmts):
     "For each import statement, run in order in one fresh interpreter: the heavy modules it brought in"

@@ -22,7 +22,7 @@ cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(root/'settings.ini')
 cfg = cfg['DEFAULT']
 LIB, VERSION = cfg['lib_name'], cfg['version']
 HEAVY = ('matplotlib', 'sklearn', 'scipy', 'pandas', 'fastprogress', 'IPython', 'nbdev', 'execnb', 'tensorboard',
-         'torchmetrics', 'PIL')  # fastcb imports these lazily, inside the functions that use them
+         'torchmetrics', 'PIL', 'wandb', 'mlflow', 'fsspec', 's3fs')  # fastcb imports these lazily, inside the functions that use them
 
 def run(cmd, timeout=600, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)

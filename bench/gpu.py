@@ -2,8 +2,15 @@
 """fastcb's loop on a GPU: time per batch against a hand-written PyTorch loop (and Lightning, ignite when importable),
 and the host-device syncs per batch. Also runs on the CPU (`--device cpu`). See bench/README.md ("gpu.py: method").
 
-    python bench/gpu.py                          # CUDA: launch-bound MLP and compute-bound convnet (~1-2 min)
+Variants: the raw eager loop (plain `Adam`, the baseline), the raw loop with `Adam(fused=True)`, fastcb's defaults (its
+optimizer is built fused), with the progress bar; from pinned CPU batches (CUDA only): the raw loop copying each batch
+with `.to(device, non_blocking=True)`, fastcb with its device prefetch, and with it off; `learn.compile()` (inductor
+unless `--compile-backend`), and with CUDA graphs (`mode='reduce-overhead'`, CUDA only); Lightning and ignite.
+Models: a tiny launch-bound MLP, a small ResNet-like convnet, a small transformer encoder block.
+
+    python bench/gpu.py                          # CUDA: every model and variant (a few minutes: compiling included)
     python bench/gpu.py --device cpu --quick     # smoke test on a CPU
+    python bench/gpu.py --device cpu --no-compile --frameworks raw,fastcb   # CPU, fast
 """
 from __future__ import annotations
 from _machine import machine_line
@@ -34,10 +41,21 @@ def convnet():
     return nn.Sequential(*cbr(3, 32), Res(32), *cbr(32, 64, 2), Res(64), *cbr(64, 128, 2), Res(128),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
+class Block(nn.Module):
+    "A small transformer encoder block over 32 tokens of width 64, mean-pooled into 10 classes"
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0., batch_first=True)
+        self.head = nn.Linear(64, 10)
+    def forward(self, x): return self.head(self.enc(x).mean(1))
+
+MODELS = {'mlp': ((32,), lambda: nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))),
+          'conv': ((3, 32, 32), convnet), 'transformer': ((32, 64), Block)}
+
 def workload(kind, dev, n_train, bs):
     "(model factory, training batches, validation batches): a fifth as many validation batches"
     g = torch.Generator().manual_seed(0)
-    shape,mk = ((32,), lambda: nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))) if kind == 'mlp' else ((3, 32, 32), convnet)
+    shape,mk = MODELS[kind]
     def batches(n):
         return Batches([(torch.randn(bs, *shape, generator=g).to(dev), torch.randint(0, 10, (bs,), generator=g).to(dev))
                         for _ in range(n)])
@@ -60,10 +78,18 @@ class Timer:
 
 # ----------------------------------------------------------------------------------------------------------- variants
 # Each builds its learner/trainer and returns `epoch()`: one training epoch + validation (the mean loss), timed by `timer`.
-def v_raw(mk_model, train, valid, dev, timer):
-    "What a PyTorch user writes, and no more"
+class Skip(Exception): "A variant that cannot run here (it needs CUDA)"
+
+def pinned(batches, dev):
+    "The same batches on the CPU, in pinned memory (what a `DataLoader(pin_memory=True)` gives); CUDA only"
+    if dev.type != 'cuda': raise Skip('needs CUDA (pinned CPU batches copied to the GPU)')
+    return Batches([tuple(t.cpu().pin_memory() for t in b) for b in batches])
+
+def v_raw(mk_model, train, valid, dev, timer, fused=False, cpu_batches=False):
+    "What a PyTorch user writes, and no more (optionally with `Adam(fused=True)`, or from pinned CPU batches)"
+    if cpu_batches: train,valid = pinned(train, dev),pinned(valid, dev)
     model,lf = mk_model(),nn.CrossEntropyLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({'fused': True} if fused else {}))
     def epoch():
         timer.start()
         model.train()
@@ -79,12 +105,16 @@ def v_raw(mk_model, train, valid, dev, timer):
         timer.stop()
     return epoch
 
-def v_fastcb(mk_model, train, valid, dev, timer, bar=False):
-    "fastcb's default callbacks; with the progress bar drawn as in a terminal (into /dev/null), or without it"
+def v_fastcb(mk_model, train, valid, dev, timer, bar=False, cpu_batches=False, prefetch=True, compile=None, args=None):
+    "fastcb's defaults; with the progress bar drawn as in a terminal (into /dev/null); from pinned CPU batches; compiled"
     import fastcb.all  # noqa: F401
     from fastcb.learner import Learner, DataLoaders
     from fastcb.progress import ProgressCallback
-    learn = Learner(DataLoaders(train, valid, device=dev), mk_model(), nn.CrossEntropyLoss())
+    if cpu_batches: train,valid = pinned(train, dev),pinned(valid, dev)
+    if compile is not None and compile.get('mode') == 'reduce-overhead' and dev.type != 'cuda': raise Skip('needs CUDA (CUDA graphs)')
+    dls = DataLoaders(train, valid, device=dev, **({} if prefetch else {'prefetch': False}))
+    learn = Learner(dls, mk_model(), nn.CrossEntropyLoss())
+    if compile is not None: learn.compile(backend=args.compile_backend, **compile)
     learn.remove_cb(ProgressCallback)
     if bar: learn.add_cb(ProgressCallback(mode='tty', file=open(os.devnull, 'w')))
     else: learn.logger = lambda row: None
@@ -129,7 +159,13 @@ def v_ignite(mk_model, train, valid, dev, timer):
     def epoch(): trainer.run(train, max_epochs=trainer.state.epoch + 1 if trainer.state.epoch else 1)
     return epoch
 
-VARIANTS = [('raw loop', v_raw, {}), ('fastcb', v_fastcb, {}), ('fastcb + progress bar', v_fastcb, {'bar': True}),
+VARIANTS = [('raw loop', v_raw, {}), ('raw fused Adam', v_raw, {'fused': True}), ('fastcb', v_fastcb, {}),
+            ('fastcb + progress bar', v_fastcb, {'bar': True}),
+            ('raw, pinned CPU batches', v_raw, {'cpu_batches': True}),
+            ('fastcb + prefetch, pinned CPU', v_fastcb, {'cpu_batches': True}),
+            ('fastcb, pinned CPU, no prefetch', v_fastcb, {'cpu_batches': True, 'prefetch': False}),
+            ('fastcb compiled', v_fastcb, {'compile': {}}),
+            ('fastcb compiled + CUDA graphs', v_fastcb, {'compile': {'mode': 'reduce-overhead'}}),
             ('lightning', v_lightning, {}), ('ignite', v_ignite, {})]
 
 # ------------------------------------------------------------------------------------------------------------- driver
@@ -145,16 +181,20 @@ def count_syncs(epoch, timer):
     timer.on = True
     return sum('synchroniz' in str(w.message) for w in ws)
 
+def batch_size(kind, args): return {'mlp': 64, 'conv': args.conv_bs, 'transformer': args.tf_bs}[kind]
+
 def bench(kind, dev, args):
-    n = args.batches if kind == 'mlp' else args.conv_batches
-    bs = 64 if kind == 'mlp' else args.conv_bs
-    mk_model,train,valid = workload(kind, dev, n, bs)
+    n = {'mlp': args.batches, 'conv': args.conv_batches, 'transformer': args.tf_batches}[kind]
+    mk_model,train,valid = workload(kind, dev, n, batch_size(kind, args))
     live,notes = [],[]
     for name,f,kw in VARIANTS:
-        if args.frameworks and name.split()[0] not in args.frameworks: continue
+        if args.frameworks and name.split()[0].rstrip(',') not in args.frameworks: continue
+        if args.no_compile and 'compile' in kw: continue
+        if 'compile' in kw: kw = {**kw, 'args': args}
         timer = Timer(dev)
         try: ep = f(mk_model, train, valid, dev, timer, **kw)
         except ImportError as e: notes.append(f'{name}: not importable ({e}), skipped'); continue
+        except Skip as e: notes.append(f'{name}: {e}, skipped on {dev.type}'); continue
         for _ in range(args.warmup): ep()
         live.append(dict(name=name, epoch=ep, timer=timer, times=[],
                          syncs=count_syncs(ep, timer) if dev.type == 'cuda' else None))
@@ -168,7 +208,7 @@ def bench(kind, dev, args):
         cpu = [t[1]/b[1] for t,b in zip(v['times'], raw['times'])]
         us = statistics.median(t[0] for t in v['times'])/len(train)*1e6
         syn = '' if v['syncs'] is None else f"{v['syncs']} ({v['syncs']/(len(train)+len(valid)):.2f})"
-        rows.append(f"| {v['name']+f' ({kind})':<30} | {us:10.1f} | {statistics.median(wall):14.3f}x | "
+        rows.append(f"| {v['name']+f' ({kind})':<44} | {us:10.1f} | {statistics.median(wall):14.3f}x | "
                     f"{statistics.median(cpu):13.3f}x | {syn:>28} |")
     return rows, notes, len(train), len(valid)
 
@@ -181,7 +221,12 @@ def main():
     ap.add_argument('--conv-batches', type=int, default=None, help='convnet training batches per epoch (default 40; 4 on a CPU)')
     ap.add_argument('--conv-bs', type=int, default=None, help='convnet batch size (default 256; 32 on a CPU)')
     ap.add_argument('--frameworks', default='', help='comma-separated subset of raw,fastcb,lightning,ignite (raw is always run)')
+    ap.add_argument('--tf-batches', type=int, default=None, help='transformer training batches per epoch (default 40; 4 on a CPU)')
+    ap.add_argument('--tf-bs', type=int, default=None, help='transformer batch size (default 128; 16 on a CPU)')
+    ap.add_argument('--compile-backend', default='inductor', help="torch.compile backend of the compiled variants")
+    ap.add_argument('--no-compile', action='store_true', help='leave out the compiled variants (inductor compiles for minutes on a small CPU)')
     ap.add_argument('--no-conv', action='store_true'); ap.add_argument('--no-mlp', action='store_true')
+    ap.add_argument('--no-transformer', action='store_true')
     ap.add_argument('--quick', action='store_true', help='3 rounds, 1 warm-up, 60 MLP batches')
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -189,20 +234,21 @@ def main():
     if args.quick: args.rounds,args.warmup,args.batches = 3,1,60
     if args.conv_batches is None: args.conv_batches = 4 if cpu else 40
     if args.conv_bs is None: args.conv_bs = 32 if cpu else 256
+    if args.tf_batches is None: args.tf_batches = 4 if cpu else 40
+    if args.tf_bs is None: args.tf_bs = 16 if cpu else 128
     args.frameworks = set(['raw', *args.frameworks.split(',')]) if args.frameworks else None
     if cpu: torch.set_num_threads(1)
     else: torch.backends.cudnn.benchmark = True
     print(machine_line('gpu.py') + (f", {torch.cuda.get_device_name(dev)}" if dev.type == 'cuda' else ', 1 torch thread'))
     print(f"# device {dev}; batches made on the device beforehand; {args.rounds} interleaved epochs per variant "
           f"(+{args.warmup} warm-up), medians; an epoch = training batches + a fifth as many validation batches")
-    print(f"\n| {'variant':<30} | µs / batch | wall / raw loop | CPU / raw loop | host syncs / epoch (/ batch) |")
-    print(f"|{'-'*32}|-----------:|----------------:|---------------:|-----------------------------:|")
+    print(f"\n| {'variant':<44} | µs / batch | wall / raw loop | CPU / raw loop | host syncs / epoch (/ batch) |")
+    print(f"|{'-'*46}|-----------:|----------------:|---------------:|-----------------------------:|")
     notes = []
-    for kind in [k for k,off in (('mlp', args.no_mlp), ('conv', args.no_conv)) if not off]:
+    for kind in [k for k,off in (('mlp', args.no_mlp), ('conv', args.no_conv), ('transformer', args.no_transformer)) if not off]:
         rows,ns,nt,nv = bench(kind, dev, args)
         print('\n'.join(rows), flush=True)
-        notes += [f'{kind}: {nt} training + {nv} validation batches of '
-                  f"{64 if kind == 'mlp' else args.conv_bs} per epoch"] + ns
+        notes += [f'{kind}: {nt} training + {nv} validation batches of {batch_size(kind, args)} per epoch'] + ns
     print('\n(µs / batch: median epoch wall time / training batches, validation included; CPU: this thread\'s CPU time '
           '(on a GPU it includes the waits for the device, which spin); syncs: torch.cuda.set_sync_debug_mode(\'warn\') '
           'in one more epoch, the timer\'s own syncs off)')

@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #778c1da8
-import fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.averaging, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary
+import fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.export, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.averaging, fastcb.metrics, fastcb.loggers, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary
 from .core import *
 from .data import *
 from .sharded import *
@@ -18,12 +18,14 @@ from .preds import *
 from .inference import *
 from .strategy import *
 from .learner import *
+from .export import *
 from .progress import *
 from .schedule import *
 from .tracker import *
 from .training import *
 from .averaging import *
 from .metrics import *
+from .loggers import *
 from .shard import *
 from .comm import *
 from .distributed import *
@@ -31,7 +33,7 @@ from .fsdp import *
 from .profile import *
 from .summary import *
 
-_modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.averaging, fastcb.metrics, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary]
+_modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.optim, fastcb.checkpoint, fastcb.resume, fastcb.preds, fastcb.inference, fastcb.strategy, fastcb.learner, fastcb.export, fastcb.progress, fastcb.schedule, fastcb.tracker, fastcb.training, fastcb.averaging, fastcb.metrics, fastcb.loggers, fastcb.shard, fastcb.comm, fastcb.distributed, fastcb.fsdp, fastcb.profile, fastcb.summary]
 # The building blocks of the library's own modules stay in those modules (`from fastcb.comm import sync`): a notebook
 # that runs `from fastcb.all import *` gets the names a user writes, not generic ones like `sync`, `whole` or `minimum`.
 _building_blocks = {
@@ -40,13 +42,15 @@ _building_blocks = {
     fastcb.sharded: '*', fastcb.resume: '*', fastcb.inference: '*', fastcb.shard: '* -ShardedStream',
     fastcb.recorder: 'format_time format_value unique_names import_matplotlib',
     fastcb.optim: 'norm_params no_decay_params make_opt split_no_decay group_values check_hyper set_group_hyper freeze_groups '
-                  'hyper_key get_hyper put_hyper hyper_names add_hypers',
+                  'hyper_key get_hyper put_hyper hyper_names add_hypers fast_impl',
     fastcb.checkpoint: ('loader_generators rng_state set_rng_state clean_stale_tmp atomic_save model_state load_model_state '
                         'check_state_dict opt_info check_opt_state shards_name cb_keys checkpoint_names checkpoint_run '
                         'checkpoint_state cb_settings opt_hypers run_identity run_fingerprint seal check_seal put_at '
                         'shards_folder shards_of remove_shards sweep_orphan_shards weights_fingerprint data_fingerprint '
-                        'run_world_size global_batches checkpoint_final keep_rng'),
+                        'run_world_size global_batches checkpoint_final keep_rng is_url storage_and_name'),
     fastcb.preds: 'ordered_dl check_reducible pad_fill pad_tensors',
+    fastcb.export: 'capture_model export_meta fn_spec spec_fn',
+    fastcb.learner: 'output_field vocab_of label_of',
     fastcb.averaging: 'plain_model check_not_sharded model_tensors batch_inputs',
     fastcb.training: 'beta_draw',
     fastcb.strategy: 'strategy_registry',

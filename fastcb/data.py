@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['default_device', 'DataLoaders', 'tree_tensors', 'remake', 'tree_map', 'to_device', 'to_detach', 'find_bs', 'shapes',
-           'len_or_none', 'check_dl', 'is_plain']
+           'DevicePrefetcher', 'len_or_none', 'check_dl', 'is_plain']
 
 # %% ../nbs/01_data.ipynb #4a4ff13e
 def default_device():
@@ -23,7 +23,8 @@ class DataLoaders:
     def __init__(self, *loaders, # Plain `torch.utils.data.DataLoader`s (any iterable with a `len`)
                  device=None, # Device batches are moved to; default: CUDA when available, else CPU
                  n_inp:int|None=None, # Number of inputs in a tuple batch; default: all elements but the last
-                 target_keys=('labels',)): # Keys of a dict batch that are targets (Hugging Face: 'labels')
+                 target_keys=('labels',), # Keys of a dict batch that are targets (Hugging Face: 'labels')
+                 prefetch:bool=True): # On CUDA, copy each CPU batch to the device on a side stream (`DevicePrefetcher`)
         if len(loaders) == 1 and isinstance(loaders[0], (list, tuple)): loaders = tuple(loaders[0])
         if not loaders: raise ValueError("DataLoaders needs at least one loader: DataLoaders(train_dl, valid_dl)")
         for i,dl in enumerate(loaders):
@@ -32,6 +33,7 @@ class DataLoaders:
         self.loaders = list(loaders)
         self.device = torch.device(device) if device is not None else default_device()
         self.n_inp,self.target_keys = n_inp,tuple([target_keys] if isinstance(target_keys, str) else target_keys)
+        self.prefetch = prefetch
 
     def __getitem__(self, i):
         if not -len(self.loaders) <= i < len(self.loaders):
@@ -41,6 +43,10 @@ class DataLoaders:
     def __len__(self): return len(self.loaders)
     def __iter__(self): return iter(self.loaders)
     def __repr__(self): return f"DataLoaders({len(self)} loaders, device={self.device})"
+
+    def device_batches(self, it): # A loader, or the iterator the loop draws from
+        "`it` as a `DevicePrefetcher` to `device` when `prefetch` is on and the device is CUDA; else `it` itself"
+        return DevicePrefetcher(it, self.device) if self.prefetch and self.device.type == 'cuda' else it
 
     train = property(lambda self: self[0], doc="The training `DataLoader`")
     valid = property(lambda self: self[1], doc="The validation `DataLoader`")
@@ -52,11 +58,12 @@ class DataLoaders:
                    bs:int=64, # Batch size
                    shuffle:bool=True, # Shuffle the training set (only)
                    device=None, # As in `DataLoaders`
+                   prefetch:bool=True, # As in `DataLoaders`
                    **kwargs): # Passed to every `DataLoader`
         "Build plain torch `DataLoader`s from datasets"
         from torch.utils.data import DataLoader
         dls = [DataLoader(ds, batch_size=bs, shuffle=shuffle and i == 0, **kwargs) for i,ds in enumerate(dsets)]
-        return cls(*dls, device=device)
+        return cls(*dls, device=device, prefetch=prefetch)
 
 # %% ../nbs/01_data.ipynb #33acf020
 def _is_dataclass(b): return dataclasses.is_dataclass(b) and not isinstance(b, type)
@@ -126,6 +133,51 @@ def find_bs(b):
 def shapes(b):
     "`b` with each tensor replaced by its shape, for error messages"
     return tree_map(lambda t: tuple(t.shape), b)
+
+# %% ../nbs/01_data.ipynb #30022496
+class DevicePrefetcher:
+    "Iterate `dl`'s batches with their CPU tensors copied to CUDA `device` on a side stream (on CPU: `dl`'s batches)"
+    cuda = torch.cuda  # where streams come from (a test puts a stand-in here)
+    def __init__(self, dl, # A loader, or an iterator of batches
+                 device, # The device the batches go to
+                 pin:bool|None=None, # Pin CPU tensors the loader did not pin; default: on CUDA
+                 stream=None): # The side stream for the copies; default: a new one, made at the first batch
+        self.dl,self.device,self.stream = dl,torch.device(device),stream
+        self.on = self.device.type == 'cuda'  # copy on a side stream (else: a no-op)
+        self.pin = self.on if pin is None else pin
+
+    def __len__(self): return len(self.dl)
+    def __getattr__(self, k):
+        "The loader's attributes (`dataset`, `sampler`, `generator`...)"
+        if k.startswith('__') or k == 'dl': raise AttributeError(k)
+        return getattr(self.dl, k)
+
+    def __iter__(self):
+        if not self.on: return iter(self.dl)
+        return self._copied(iter(self.dl))
+
+    def _copied(self, it):
+        for b in it: yield self.copy(b)
+
+    def record(self, t, stream):
+        "Mark `t` as used by `stream`: its memory waits for `stream`'s work before it is reused"
+        t.record_stream(stream)
+
+    def copy(self, b):
+        "Batch `b` with its CPU tensors on `device`, copied on the side stream; the current stream waits for the copy"
+        if all(t.device.type != 'cpu' for t in tree_tensors(b)): return b
+        if self.stream is None: self.stream = self.cuda.Stream(self.device)
+        new = []
+        def _to(t):
+            if t.device.type != 'cpu': return t
+            if self.pin and not t.is_pinned(): t = t.pin_memory()
+            new.append(t.to(self.device, non_blocking=True))
+            return new[-1]
+        with self.cuda.stream(self.stream): b = tree_map(_to, b)
+        cur = self.cuda.current_stream(self.device)
+        cur.wait_stream(self.stream)
+        for t in new: self.record(t, cur)
+        return b
 
 # %% ../nbs/01_data.ipynb #13580fa7
 def len_or_none(dl):

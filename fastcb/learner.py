@@ -26,8 +26,9 @@ from .inference import *
 from .strategy import *
 
 # %% auto #0
-__all__ = ['defaults', 'Learner', 'Strategy', 'default_device', 'DataLoaders', 'to_device', 'to_detach', 'find_bs', 'Metric',
-           'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'mk_metric', 'Recorder', 'trainable_params']
+__all__ = ['defaults', 'output_field', 'Learner', 'vocab_of', 'label_of', 'Strategy', 'default_device', 'DataLoaders',
+           'to_device', 'to_detach', 'find_bs', 'Metric', 'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'mk_metric',
+           'Recorder', 'trainable_params']
 
 # %% ../nbs/06_learner.ipynb #ee5a708c
 # `from fastcb.learner import *` keeps giving what it gave when all of this lived here
@@ -56,7 +57,8 @@ def _warn_empty(dl):
     if len_or_none(dl) == 0: warnings.warn("The validation DataLoader is empty (0 batches): valid_loss and the metrics are NaN")
 
 # %% ../nbs/06_learner.ipynb #6f0fa988
-def _output_field(out, k):
+def output_field(out, # A model's output: a tensor, a mapping, or an object with attributes (a Hugging Face `ModelOutput`)
+                 k:str): # The field: 'logits', 'loss'...
     "`out[k]` or `out.k` when the model output has it, else None"
     if isinstance(out, torch.Tensor): return None
     return out.get(k) if isinstance(out, Mapping) else getattr(out, k, None)
@@ -92,6 +94,7 @@ assert all(e in event for evs in _EV.values() for e in evs)
 # %% ../nbs/06_learner.ipynb #bf631f97
 class Learner:
     "Group together a `model`, some `dls` and a `loss_func` to handle training"
+    forward_loss = None  # a seam: `(xb, yb, kw) -> (pred, loss)` in one call (`learn.compile`), for phases with no `after_pred`
     def __init__(self, dls, # `DataLoaders` (or a tuple of torch `DataLoader`s: train, valid)
                  model:nn.Module, # The model to train
                  loss_func=None, # `loss_func(pred, *yb)`; default: `dls.train_ds.loss_func`, else the model's own `loss`
@@ -255,6 +258,8 @@ class Learner:
             fire = partial(run_cbs, e, pairs) if pairs or around is not None else None
             setattr(ev, e, fire if around is None else partial(around, fire))
         ev.copy_loss = bool(ev.after_loss or ev.before_backward)  # where a callback may change `loss_grad` in place
+        fl = self.forward_loss  # the forward pass and the loss as one function, when nothing runs between them
+        ev.forward_loss = fl if fl is not None and ev.after_pred is None and self.loss_func is not None else None
         dev = torch.device(self.dls.device)
         ev.device = torch.device('cuda', torch.cuda.current_device()) if dev.type == 'cuda' and dev.index is None else dev
         return ev
@@ -307,9 +312,9 @@ class Learner:
     def _loss_from_output(self):
         "The loss the model's output carries (None without one); its `logits`, when it has them, become `pred`"
         out = self.pred
-        logits = _output_field(out, 'logits')
+        logits = output_field(out, 'logits')
         if logits is not None: self.pred = logits  # with or without a loss: every batch gives the same kind of `pred`
-        loss = _output_field(out, 'loss')
+        loss = output_field(out, 'loss')
         return loss if isinstance(loss, torch.Tensor) else None
 
     def _batch_loss(self):
@@ -334,13 +339,16 @@ class Learner:
         kw = self._split(b)
         try:
             if ev.before_batch: ev.before_batch()
-            try: self.pred = self.model(**self.xb[0]) if kw else self.model(*self.xb)
-            except (TypeError, ValueError) as e:
-                note = _call_note(self.model, self.xb)
-                if note: add_note(e, note)
-                raise
-            if ev.after_pred: ev.after_pred()
-            self.loss_grad = lg = self._batch_loss()
+            if ev.forward_loss is not None and self.yb: self.pred,lg = ev.forward_loss(self.xb, self.yb, kw)
+            else:
+                try: self.pred = self.model(**self.xb[0]) if kw else self.model(*self.xb)
+                except (TypeError, ValueError) as e:
+                    note = _call_note(self.model, self.xb)
+                    if note: add_note(e, note)
+                    raise
+                if ev.after_pred: ev.after_pred()
+                lg = self._batch_loss()
+            self.loss_grad = lg
             self.loss = None if lg is None else lg.detach().clone() if ev.copy_loss else lg.detach()
             if ev.after_loss: ev.after_loss()
             if self.training and self.loss is not None: self._backward_step(ev)
@@ -373,7 +381,7 @@ class Learner:
         self._batch_events = self._phase_events()
         it,start = self.dl,0
         if self.resume_plan is not None and self.training: it,start = self.resume_plan.batches(self)
-        for i,b in enumerate(it, start):
+        for i,b in enumerate(self.dls.device_batches(it), start):  # on CUDA: copied ahead on a side stream (`DevicePrefetcher`)
             self.one_batch(i, b)
             if self._ckpt_writer is not None and self.training: self._serve_checkpoint(i+1)
 
@@ -720,13 +728,16 @@ def load(self:Learner, file, # As in `save`
     return self
 
 # %% ../nbs/06_learner.ipynb #eab757d2
-def _vocab_of(learn, dl):
+def vocab_of(learn, # A `Learner`
+             dl=None): # The loader whose dataset may have `classes`; default: `dls.valid`, or `dls.train` when there is none
     "The class names `learn` knows: `dls.vocab`, the dataset's `classes` (torchvision), `model.config.id2label` (Hugging Face)"
+    if dl is None: dl = learn.dls[1] if len(learn.dls) > 1 else learn.dls[0]
     for v in (getattr(learn.dls, 'vocab', None), getattr(getattr(dl, 'dataset', None), 'classes', None),
               getattr(getattr(learn.model, 'config', None), 'id2label', None)):
         if v: return v
 
-def _label(decoded, vocab):
+def label_of(decoded, # A decoded prediction: a class index, indices, or a multi-label mask
+             vocab): # The class names (a list, or a mapping from index to name); None: `decoded` as it is
     "`decoded` read through `vocab`: an index gives its name, indices a list of names, a multi-label mask the names it picks"
     if not vocab or not isinstance(decoded, torch.Tensor) or decoded.dtype.is_floating_point: return decoded
     if decoded.dtype == torch.bool:
@@ -745,7 +756,7 @@ def predict(self:Learner, item, # One item: a tensor (one input), a tuple as the
     res = self.get_preds(dl=[b], reorder=False, with_decoded=True, with_targs=False, act=act)
     first = lambda t: t[0]
     decoded,pred = tree_map(first, res[-1]),tree_map(first, res[0])
-    return _label(decoded, _vocab_of(self, dl) if vocab is None else vocab),decoded,pred
+    return label_of(decoded, vocab_of(self, dl) if vocab is None else vocab),decoded,pred
 
 @patch
 def to(self:Learner, device): # A device: 'cuda', 'cpu', torch.device('cuda', 1)...

@@ -268,20 +268,46 @@ def _num(s):
         except ValueError: pass
     return s
 
+def _require(module, pip_name, what):
+    "A clear `ImportError` when the optional `module` is not installed"
+    try: spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError): spec = None
+    if spec is None: raise ImportError(f"{what} needs the `{pip_name}` package: pip install {pip_name}")
+
+def _is_url(fname):
+    "Whether `fname` is a URL with a scheme (`memory://...`, `s3://...`): written through fsspec"
+    return isinstance(fname, str) and '://' in fname
+
+def _kept_rows(rows, epoch, rows_before):
+    "`rows` (the header first) without those of `epoch` and later that the fit started after `rows_before` data rows logged"
+    before = lambda r: bool(r) and isinstance(_num(r[0]), (int, float)) and _num(r[0]) < epoch
+    if rows_before is not None: return rows[:1+rows_before] + [r for r in rows[1+rows_before:] if before(r)]
+    keep = list(rows)  # no state (a checkpoint of an older fastcb): drop only the last rows, those of this epoch and later
+    while len(keep) > 1 and not before(keep[-1]): keep.pop()
+    return keep
+
+def _open_text(path, mode='r'):
+    "Open the file at `path` for text (a URL through fsspec, imported then)"
+    if not _is_url(path): return open(path, mode, newline='')
+    import fsspec
+    return fsspec.open(path, mode, newline='')
+
 class CSVLogger(Callback):
     "Log the results displayed in `learn.path/fname`"
     order,rank0_only,agree_cancels,state_optional = 60,True,False,True
-    def __init__(self, fname:str='history.csv', # File name, relative to `learn.path` (or an absolute path)
+    def __init__(self, fname:str='history.csv', # File name, relative to `learn.path` (or an absolute path, or an fsspec URL)
                  append:bool=False): # Append to an existing file instead of overwriting it
         if not isinstance(fname, (str, Path)) or not str(fname): raise ValueError(f"fname must be a file name, got {fname!r}")
-        self.fname,self.append,self.file,self._last_path,self._trim = Path(fname),append,None,None,False
+        if _is_url(fname): _require('fsspec', 'fsspec', f"CSVLogger({fname!r})")  # (and the store's package, s3fs...)
+        self.fname = fname if _is_url(fname) else Path(fname)
+        self.append,self.file,self._last_path,self._trim,self._rows = append,None,None,False,None
         self.old_logger = None  # the `learn.logger` taken over during a fit: called after each row, given back at the end
         self._rows_before = 0  # data rows in the file when the fit started (kept on a resume)
 
     @property
     def path(self):
-        "The CSV file: `learn.path/fname` (the last one written once the callback is removed)"
-        if self.fname.is_absolute(): return self.fname
+        "The CSV file: `learn.path/fname` (the last one written once the callback is removed), or the URL `fname`"
+        if _is_url(self.fname) or self.fname.is_absolute(): return self.fname
         if self.learn is not None: return Path(self.learn.path)/self.fname
         return self._last_path or self.fname
 
@@ -291,48 +317,59 @@ class CSVLogger(Callback):
         path,names = self.path,list(self.learn.recorder.metric_names)
         self._last_path = path
         resuming = getattr(self.learn.resume_plan, 'resuming', False)  # `fit(resume=...)`: continue the file
-        if path.is_symlink():
+        if not _is_url(path) and path.is_symlink():
             raise ValueError(f"CSVLogger: '{path}' is a symbolic link (to '{os.readlink(path)}'); the logger writes only to "
                              f"a file it creates: remove the link, or choose another fname")
-        append = self.append or resuming
-        exists = append and path.exists() and path.stat().st_size > 0
-        rows = []
-        if exists:
-            with open(path, newline='') as f: rows = list(csv.reader(f))
-            if (rows[0] if rows else []) != names:
-                raise ValueError(f"CSVLogger(append=True): '{path}' has the columns {rows[0] if rows else []}, this training logs "
-                                 f"{names}: use another fname, or append=False to start a new file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not exists: _rewrite_rows(path, [names])
-        if not resuming: self._rows_before = max(len(rows) - 1, 0)
-        else: self._rows_before = None  # until the checkpoint's state says
-        self.file = _open_append(path)
-        self._writer,self._trim = csv.writer(self.file),resuming and exists
+        rows = self._read_rows(path) if self.append or resuming else []
+        if rows and rows[0] != names:
+            raise ValueError(f"CSVLogger(append=True): '{path}' has the columns {rows[0]}, this training logs "
+                             f"{names}: use another fname, or append=False to start a new file")
+        self._rows_before = max(len(rows) - 1, 0) if not resuming else None  # on a resume: until the checkpoint's state says
+        self._trim = resuming and bool(rows)
+        if _is_url(path): self._rows = rows or [names]; self._put_rows()  # an object store: the whole file at each row
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not rows: _rewrite_rows(path, [names])
+            self.file = _open_append(path)
+            self._writer = csv.writer(self.file)
         self.old_logger,self.learn.logger = self.learn.logger,self._write_line
+
+    def _read_rows(self, path):
+        "The rows of the existing file at `path` (none when it is missing or empty)"
+        if _is_url(path):
+            import fsspec
+            fs,p = fsspec.core.url_to_fs(path)
+            if not fs.exists(p): return []
+        elif not (path.exists() and path.stat().st_size > 0): return []
+        with _open_text(path) as f: return list(csv.reader(f))
+
+    def _put_rows(self):
+        "Write all the rows to the URL `path` (object stores cannot append; the object appears whole when it is closed)"
+        with _open_text(self.path, 'w') as f: csv.writer(f).writerows(self._rows)
 
     def _write_line(self, log):
         "Write a line with `log` and call the old logger."
-        if self.file is not None:
+        row = [json.dumps(v) if isinstance(v, list) else v for v in log]  # a vector: one JSON cell
+        if self._rows is not None:
+            if self._trim: self._rows,self._trim = _kept_rows(self._rows, log[0], self._rows_before),False
+            self._rows.append(row); self._put_rows()
+        elif self.file is not None:
             if self._trim: self._trim_from(log[0]); self._trim = False
-            self._writer.writerow([json.dumps(v) if isinstance(v, list) else v for v in log]); self.file.flush()  # a vector: one JSON cell
+            self._writer.writerow(row); self.file.flush()
         if self.old_logger is not None: self.old_logger(log)
 
     def _trim_from(self, epoch):
         "Drop the rows of `epoch` and later, logged before a crash that `fit(resume=...)` is replaying"
         self.file.close(); self.file = None
         with open(self.path, newline='') as f: rows = list(csv.reader(f))
-        before = lambda r: bool(r) and isinstance(_num(r[0]), (int, float)) and _num(r[0]) < epoch
-        if self._rows_before is not None: keep = rows[:1+self._rows_before] + [r for r in rows[1+self._rows_before:] if before(r)]
-        else:  # no state (a checkpoint of an older fastcb): drop only the last rows, those of this epoch and later
-            keep = list(rows)
-            while len(keep) > 1 and not before(keep[-1]): keep.pop()
-        _rewrite_rows(self.path, keep)
+        _rewrite_rows(self.path, _kept_rows(rows, epoch, self._rows_before))
         self.file = _open_append(self.path)
         self._writer = csv.writer(self.file)
 
     def after_fit(self):
         "Close the file and clean up."
         if self.file is not None: self.file.close(); self.file = None
+        self._rows = None
         if self.learn.logger == self._write_line: self.learn.logger = self.old_logger
     def after_exception(self): self.after_fit()
 
@@ -341,7 +378,7 @@ class CSVLogger(Callback):
 
     def read_log(self):
         "The logged rows, as a list of dicts (numbers parsed)"
-        with open(self.path, newline='') as f: return [{k: _num(v) for k,v in row.items()} for row in csv.DictReader(f)]
+        with _open_text(self.path) as f: return [{k: _num(v) for k,v in row.items()} for row in csv.DictReader(f)]
 
 # %% ../nbs/11_metrics.ipynb #203c3092
 class ActivationType:
@@ -349,12 +386,6 @@ class ActivationType:
     No,Sigmoid,Softmax,BinarySoftmax = 'no','sigmoid','softmax','binarysoftmax'
 
 _activations = ('no', 'sigmoid', 'softmax', 'binarysoftmax')
-
-def _require(module, pip_name, what):
-    "A clear `ImportError` when the optional `module` is not installed"
-    try: spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError): spec = None
-    if spec is None: raise ImportError(f"{what} needs the `{pip_name}` package: pip install {pip_name}")
 
 def _unwrap(f):
     "The function inside `functools.partial`s"
@@ -548,32 +579,49 @@ class TensorBoardCallback(Callback):
     "Log losses, metrics and learning rates to TensorBoard"
     order,remove_on_fetch,rank0_only,agree_cancels = 70,True,True,False
     def __init__(self, log_dir=None, # Folder of the event files; default: `learn.path/'runs'/<date_time>`
-                 comment:str=''): # Suffix of the default folder name
+                 comment:str='', # Suffix of the default folder name
+                 log_every:int=50): # Write the batches' losses every this many training batches (and at each epoch's end)
         _require('tensorboard', 'tensorboard', 'TensorBoardCallback')
-        self.log_dir,self.comment,self.writer = log_dir,comment,None
+        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+            raise ValueError(f"log_every must be a positive int (a number of batches), got {log_every!r}")
+        self.log_dir,self.comment,self.log_every,self.writer = log_dir,comment,log_every,None
 
     def before_fit(self):
         "Open the writer"
+        if self.learn.depth > 1: return  # a validation run inside the fit
         if not self.learn.fitting or self.learn.get_cb('lr_finder') is not None: self.run = False; return
         from torch.utils.tensorboard import SummaryWriter
         if self.log_dir is None:
             self.log_dir = Path(self.learn.path)/'runs'/(datetime.now().strftime('%Y%m%d-%H%M%S') + self.comment)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        self._n_losses = 0
+        self._n_losses,self._batches = 0,0
 
-    def after_epoch(self):
-        "Write the losses and learning rates of the epoch's batches, and the epoch's row"
+    def after_batch(self):
+        "Every `log_every` training batches, write the losses of the batches since the last write"
+        if not self.learn.training or self.writer is None: return
+        self._batches += 1
+        if self._batches % self.log_every == 0: self.write_losses(); self.writer.flush()
+
+    def write_losses(self):
+        "Write the smoothed loss and learning rate of each batch not written yet (one read from the device for all)"
         rec = self.learn.recorder
-        losses = rec.losses  # one read from the device for the whole epoch
+        losses = rec.losses
         for i in range(self._n_losses, len(losses)):
             self.writer.add_scalar('train/smooth_loss', losses[i], i)
             if i < len(rec.lrs): self.writer.add_scalar('train/lr', rec.lrs[i], i)
         self._n_losses = len(losses)
+
+    def after_epoch(self):
+        "Write the losses of the epoch's last batches and the epoch's row"
+        if self.writer is None: return
+        self.write_losses()
+        rec = self.learn.recorder
         if rec.values:
             names = [n for n in rec.metric_names[1:] if n != 'time']
             for n,v in zip(names, rec.values[-1]): self.writer.add_scalar(f'epoch/{n}', v, self.epoch)
         self.writer.flush()
 
     def after_fit(self):
+        if self.learn.depth > 1: return
         if self.writer is not None: self.writer.close(); self.writer = None
     def after_exception(self): self.after_fit()

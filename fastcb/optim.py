@@ -4,16 +4,16 @@
 
 # %% ../nbs/03_optim.ipynb #5257f662
 from __future__ import annotations
-import math, warnings
+import inspect, math, warnings
 from collections.abc import MutableMapping, Sequence
 from functools import partial
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['trainable_params', 'norm_params', 'no_decay_params', 'make_opt', 'split_no_decay', 'even_mults', 'group_values',
-           'check_hyper', 'hyper_key', 'get_hyper', 'put_hyper', 'set_group_hyper', 'freeze_groups', 'hyper_names',
-           'HyperDict', 'OptHypers', 'add_hypers']
+__all__ = ['trainable_params', 'norm_params', 'no_decay_params', 'fast_impl', 'make_opt', 'split_no_decay', 'even_mults',
+           'group_values', 'check_hyper', 'hyper_key', 'get_hyper', 'put_hyper', 'set_group_hyper', 'freeze_groups',
+           'hyper_names', 'HyperDict', 'OptHypers', 'add_hypers']
 
 # %% ../nbs/03_optim.ipynb #8fa56615
 def trainable_params(m:nn.Module):
@@ -36,6 +36,31 @@ def no_decay_params(m:nn.Module):
     return ids
 
 # %% ../nbs/03_optim.ipynb #89d60a3c
+_fused_devices = ('cpu', 'cuda')  # where torch's fused optimizer kernels take every floating dtype
+
+def fast_impl(opt_func, # What the learner was given to build the optimizer
+              params:list, # The parameters it will optimize
+              model:nn.Module|None=None): # The model (a layer with sparse gradients rules both out)
+    "`{'fused': True}`, `{'foreach': True}` or `{}`: the fastest implementation of `opt_func` that the user left open"
+    if not (isinstance(opt_func, type) and issubclass(opt_func, torch.optim.Optimizer)
+            and opt_func.__module__.startswith('torch.optim')): return {}  # a partial, a lambda, a class of one's own
+    if any(type(p) not in (nn.Parameter, torch.Tensor) for p in params): return {}  # DTensor & co: torch's default
+    if model is not None and any(getattr(m, 'sparse', False) is True for m in model.modules()): return {}
+    names = inspect.signature(opt_func).parameters
+    if 'fused' in names and all(p.device.type in _fused_devices and p.is_floating_point() for p in params):
+        return {'fused': True}
+    return {'foreach': True} if 'foreach' in names else {}
+
+def _keep_impl(impl, opt):
+    "After `opt.load_state_dict`: this optimizer's own implementation again (the saved groups bring the saver's)"
+    for pg in opt.param_groups:
+        pg.update(impl)
+        on_dev = pg.get('fused') or pg.get('capturable')  # where each kind keeps its step count
+        for p in pg['params']:
+            s = opt.state.get(p, {}).get('step')
+            if type(s) is torch.Tensor and s.device != (p.device if on_dev else torch.device('cpu')):
+                opt.state[p]['step'] = s.to(p.device, torch.float32) if on_dev else s.to('cpu')
+
 def make_opt(opt_func, # `opt_func(param_groups, lr=lr)` -> a torch optimizer
              model:nn.Module, # The model
              splitter, # `splitter(model)` -> parameters, or a list of parameter groups
@@ -49,9 +74,12 @@ def make_opt(opt_func, # `opt_func(param_groups, lr=lr)` -> a torch optimizer
         if ps: groups.append({'params': ps}); idx.append(i)
     if not groups: raise ValueError("The splitter returned no trainable parameters: is the model frozen or empty?")
     has_lr = isinstance(opt_func, partial) and 'lr' in opt_func.keywords
-    opt = opt_func(groups) if has_lr else opt_func(groups, lr=lr)
+    impl = fast_impl(opt_func, [p for g in groups for p in g['params']], model)
+    opt = opt_func(groups, **impl) if has_lr else opt_func(groups, lr=lr, **impl)
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"opt_func must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    own = {k: opt.param_groups[0][k] for k in ('fused', 'foreach') if k in opt.param_groups[0]}
+    if own: opt.register_load_state_dict_post_hook(partial(_keep_impl, own))
     return opt,idx
 
 def split_no_decay(opt, # The optimizer

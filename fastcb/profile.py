@@ -4,14 +4,16 @@
 
 # %% ../nbs/15_profile.ipynb #ceb9da1e
 from __future__ import annotations
-import time
+import time, warnings
 from contextlib import contextmanager
+from types import SimpleNamespace
+import torch
 from fastcore.basics import patch
 from .core import *
 from .learner import *
 
 # %% auto #0
-__all__ = ['CallbackProfiler']
+__all__ = ['CallbackProfiler', 'CompiledStep']
 
 # %% ../nbs/15_profile.ipynb #b327286c
 class _Rec:
@@ -133,3 +135,50 @@ class CallbackProfiler:
 def profile_callbacks(self:Learner, show:bool=True): # Print the table when the `with` block exits
     "Start timing every callback at every event: use as `with learn.profile_callbacks(): learn.fit(1)`"
     return CallbackProfiler(self, show=show).start()
+
+# %% ../nbs/15_profile.ipynb #5e73282b
+class CompiledStep:
+    "The forward pass and the loss of a batch as one function compiled with `torch.compile` (`Learner.forward_loss`)"
+    def __init__(self, learn, # The `Learner`
+                 **kwargs): # Passed to `torch.compile`
+        self.learn,self.fn = learn,torch.compile(self.forward_loss, **kwargs)
+
+    @staticmethod
+    def forward_loss(model, loss_func, xb:tuple, yb:tuple, kw:bool):
+        "`(pred, loss)`: what the loop computes from `xb` and `yb` when no callback acts on `after_pred`"
+        pred = model(**xb[0]) if kw else model(*xb)
+        return pred, loss_func(pred, *yb)
+
+    def __call__(self, xb:tuple, # The inputs
+                 yb:tuple, # The targets
+                 kw:bool=False): # Whether the model takes `xb[0]` as keyword arguments
+        return self.fn(self.learn.model, self.learn.loss_func, xb, yb, kw)
+
+def _uncompile(learn):
+    "Give `learn` back the model (and the eager forward and loss) it had before `compile`"
+    old = getattr(learn, 'compiled', None)
+    if old is None: return
+    if learn.model is old.model: learn.model = old.plain
+    if old.step is not None and learn.forward_loss is old.step: learn.forward_loss = None
+    learn.compiled = None
+
+@patch
+def compile(self:Learner, enable:bool=True, # False: back to the plain model
+            mode:str|None=None, # `torch.compile`'s mode: 'reduce-overhead' (CUDA graphs), 'max-autotune'...
+            backend='inductor', # `torch.compile`'s backend ('eager', 'aot_eager': check the tracing, generate no code)
+            with_loss:bool=True, # Compile the loss with the forward pass when no callback acts on `after_pred`
+            **kwargs): # Passed to `torch.compile` (`fullgraph`, `dynamic`, `options`...)
+    "Compile `learn.model` with `torch.compile` (and the loss with it); `learn.compiled` records it, `compile(False)` undoes it"
+    _uncompile(self)
+    if not enable: return self
+    kw = {'backend': backend, **({} if mode is None else {'mode': mode}), **kwargs}
+    plain,step = self.model,None
+    model = torch.compile(plain, **kw)
+    if with_loss and self.loss_func is not None:
+        on_pred = self.ordered_cbs('after_pred')
+        if on_pred: warnings.warn(f"learn.compile: {', '.join(type(c).__name__ for c in on_pred)} act(s) on after_pred: "
+                                  f"the model is compiled, the loss runs eagerly after it")
+        else: step = CompiledStep(self, **kw)
+    self.model,self.compiled = model,SimpleNamespace(plain=plain, model=model, step=step)
+    if step is not None: self.forward_loss = step
+    return self

@@ -2,7 +2,12 @@
 model and batches: at most 30 extra calls per training batch and 20 per validation batch with the default callbacks
 (those `import fastcb.all` installs: `TrainEvalCallback`, `Recorder`, the progress bar). Calls are counted, not timed:
 the same count on every machine. A per-batch figure is the difference between a run of 2n and one of n batches, divided
-by n, so that what a run costs once (the fit events, building the tables) cancels out."""
+by n, so that what a run costs once (the fit events, building the tables) cancels out. The hand-written loop uses the
+optimizer implementation the learner picks (`fast_impl`: fused SGD here), so that only the loop is compared.
+
+The last tests count ATen ops (with a `TorchDispatchMode`, views aside) instead: with its default optimizer (`Adam`,
+which the learner builds fused), a training step runs no more ops than a hand-written loop with the same fused Adam,
+and fewer than one with torch's plain `Adam` (what a user writes)."""
 import collections, math, sys
 import pytest
 import torch
@@ -11,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastcb.all  # noqa: F401  (the default callbacks users get)
 from fastcb.core import Callback, CancelValidException
 from fastcb.learner import Learner, DataLoaders
+from fastcb.optim import fast_impl
 
 TRAIN_BUDGET,VALID_BUDGET = 30,20
 
@@ -38,7 +44,7 @@ def _count(f):
 def _raw(n, train):
     "A hand-written loop over `n` batches: forward, loss (and backward, step, zero_grad in training)"
     model,lf,dl = _model(),nn.CrossEntropyLoss(),_dls(n).train
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **fast_impl(torch.optim.SGD, list(model.parameters())))
     def run():
         model.train(train)
         with torch.set_grad_enabled(train):
@@ -89,3 +95,54 @@ def test_counter_sees_a_callback():
     # 3 callbacks + 3 `run_cbs`, and `learn.loss` is now a copy (`clone`); what other tests of the run left installed
     # (a default callback, a global mode) may add a call or two per batch: the counter must see at least these six
     assert 3*2 <= more - base <= 3*2 + 3, (more - base, where)
+
+# ------------------------------------------------------------------------------------------------ ATen ops per step
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class OpCounter(TorchDispatchMode):
+    "ATen ops that are not views (a kernel launch each on a GPU), counted per batch while `on`"
+    def __init__(self): super().__init__(); self.on,self.batches = False,[]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and not func.is_view: self.batches[-1][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+    def start(self): self.batches.append(collections.Counter()); self.on = True
+
+def _op_batches(n=4):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+def _raw_step_ops(opt_kw, batches):
+    "Ops per training batch of a hand-written loop with `Adam(**opt_kw)`"
+    model,lf,c = _model(),nn.CrossEntropyLoss(),OpCounter()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **opt_kw)
+    with c:
+        for x,y in batches:
+            c.start()
+            loss = lf(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+            c.on = False
+    return [sum(b.values()) for b in c.batches]
+
+def _fastcb_step_ops(batches):
+    "Ops per training batch of `fit(1)` with the learner's defaults (its optimizer included)"
+    learn = Learner(DataLoaders(batches, batches, device='cpu'), _model(), nn.CrossEntropyLoss())
+    for cb in learn.cbs:
+        if type(cb).__name__ == 'ProgressCallback': cb.refresh = cb.plain_every = math.inf
+    c,one_batch = OpCounter(),type(learn).one_batch
+    def counted(i, b):
+        if learn.training: c.start()
+        try: return one_batch(learn, i, b)
+        finally: c.on = False
+    learn.one_batch = counted
+    with c, learn.no_logging(): learn.fit(1)
+    assert learn.opt.param_groups[0]['fused'], "the default optimizer is built fused on the CPU"
+    return [sum(b.values()) for b in c.batches]
+
+def test_default_optimizer_ops_at_most_raw_fused():
+    batches = _op_batches()
+    fc,fused = _fastcb_step_ops(batches),_raw_step_ops({'fused': True}, batches)
+    assert len(fc) == len(fused) and all(f <= r for f,r in zip(fc, fused)), (fc, fused)
+
+def test_default_optimizer_fewer_ops_than_raw_plain():
+    batches = _op_batches()
+    fc,plain = _fastcb_step_ops(batches),_raw_step_ops({}, batches)
+    assert all(f < r for f,r in zip(fc, plain)), (fc, plain)

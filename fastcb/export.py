@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from . import __version__
 from .data import *
 from .checkpoint import clean_stale_tmp, keep_rng
-from .preds import loss_activation, loss_decodes
+from .preds import loss_activation, loss_decodes, pad_tensors
 from .learner import *
 
 # %% auto #0
@@ -155,6 +155,11 @@ def _save_program(ep, file, meta):
         os.replace(tmp, file)
     finally: tmp.unlink(missing_ok=True)
 
+def _inner_model(model):
+    "The model a `torch.compile` or a `DistributedDataParallel` wrapper holds, else `model`: what is captured"
+    model = getattr(model, '_orig_mod', model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
 @patch
 def export(self:Learner, path='export.pt2', # The file to write; a relative path is under `learn.path`
            example=None, # A batch as the loaders give it; default: the first batch of `dls.valid` (else `dls.train`)
@@ -168,9 +173,10 @@ def export(self:Learner, path='export.pt2', # The file to write; a relative path
     meta = export_meta(self, act, decodes, vocab)  # a decoding without a name fails before the capture
     b = _first_batch(self.dls) if example is None else example
     args,kwargs,_ = _split_batch(b, meta['n_inp'], meta['target_keys'])
-    p = next(iter(self.model.parameters()), None)
+    model = _inner_model(self.model)  # a compiled model (`learn.compile`) or one inside `distrib_ctx`: the model itself
+    p = next(iter(model.parameters()), None)
     args,kwargs = to_device((args, kwargs), p.device if p is not None else 'cpu')
-    ep = move_to_device_pass(capture_model(self.model, args, kwargs), device)
+    ep = move_to_device_pass(capture_model(model, args, kwargs), device)
     _save_program(ep, file, meta)
     return file
 
@@ -288,11 +294,11 @@ def _logits(out):
     logits = output_field(out, 'logits')
     return out if logits is None else logits
 
-def _cat(bs):
-    "Batches `bs` (tensors, or tuples of them) concatenated along dimension 0; None when they are None"
+def _cat(bs, pad_value=None):
+    "Batches `bs` (tensors, or tuples of them) concatenated along dimension 0, padded as `pad_tensors` pads; None for None"
     if bs[0] is None: return None
-    if isinstance(bs[0], torch.Tensor): return torch.cat(bs)
-    return type(bs[0])(_cat(list(o)) for o in zip(*bs))
+    if isinstance(bs[0], torch.Tensor): return torch.cat(bs if pad_value is False else pad_tensors(bs, 0, pad_value))
+    return type(bs[0])(_cat(list(o), pad_value) for o in zip(*bs))
 
 # %% ../nbs/06a_export.ipynb #16d989c4
 class ExportedLearner:
@@ -327,12 +333,13 @@ class ExportedLearner:
 
     def get_preds(self, dl, # Batches as the training loaders gave them (a `DataLoader`, a list...)
                   with_decoded:bool=False, # Also return the decoded predictions
-                  act=None): # Default: the export's activation with `with_decoded` or when the loss had one of its own
+                  act=None, # Default: the export's activation with `with_decoded` or when the loss had one of its own
+                  pad_value=None): # As in `Learner.get_preds`: sizes that differ between batches are padded; False: refuse
         "`(preds, targs)`, and `decoded` with `with_decoded`, on every batch of `dl` in order, as `Learner.get_preds`"
         if act is None and (with_decoded or self.meta.get('act_in_preds')): act = self.act
         res = [self._batch(b, act) for b in dl]
         if not res: raise ValueError("get_preds needs at least one batch: the loader is empty")
-        preds,decs,targs = (_cat(list(o)) for o in zip(*res))
+        preds,decs,targs = (_cat(list(o), pad_value) for o in zip(*res))
         return (preds,targs,decs) if with_decoded else (preds,targs)
 
 # %% ../nbs/06a_export.ipynb #80d57735

@@ -75,6 +75,7 @@ def _single(out, folder):
     return g, g['mk'](out, folder)
 
 
+@pytest.mark.slow  # 10-12 s: three torchrun jobs
 def test_elastic_restart(tmp_path):
     g, l = _single(tmp_path, 'one')
     l.fit(3, cbs=g['stop_at'](N_ONE + 5))  # one process, interrupted in its second epoch

@@ -62,6 +62,7 @@ def test_stream_many_batches(tmp_path):
     with torch.no_grad(): assert torch.allclose(load_preds(tmp_path), learn.model(x), atol=1e-5)
     assert torch.equal(load_preds(tmp_path, 'targs'), y)
 
+@pytest.mark.slow  # 9 s: a smoke run of bench/preds_memory.py (a benchmark, not a behaviour)
 def test_bench_runs():
     r = subprocess.run([sys.executable, str(ROOT/'bench'/'preds_memory.py'), '--n', '3000', '--d', '100', '--bs', '256',
                         '--repeat', '1', '--cases', 'list,load_preds'], capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import swa_utils
 from .core import *
-from .data import to_device, is_plain
+from .data import to_device, is_plain, split_batch
 from .checkpoint import rng_state, set_rng_state, keep_rng
 from .learner import *
 
@@ -177,12 +177,9 @@ def batch_inputs(learn, # The `Learner` whose rules split the batch
                  device=None): # Where the inputs go (None: where they are)
     "`(args, kwargs)` that the learner calls its model with on batch `b`: its inputs, without the targets"
     if device is not None: b = to_device(b, device)
-    if type(b) in (tuple, list):
-        n = getattr(learn.dls, 'n_inp', None) or (1 if len(b) == 1 else len(b)-1)
-        return tuple(b[:n]),{}
-    if not isinstance(b, Mapping): return (b,),{}
-    keys = getattr(learn.dls, 'target_keys', ('labels',))
-    return (),(dict(b) if learn.loss_func is None else {k: v for k,v in b.items() if k not in keys})
+    xb,_,kw = split_batch(b, getattr(learn.dls, 'n_inp', None), getattr(learn.dls, 'target_keys', ('labels',)),
+                          keep_targets=learn.loss_func is None)
+    return ((),dict(xb[0])) if kw else (xb,{})
 
 # %% ../nbs/10a_averaging.ipynb #508e0be2
 def _has_bn(model): return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

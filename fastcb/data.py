@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['default_device', 'DataLoaders', 'tree_tensors', 'remake', 'tree_map', 'to_device', 'to_detach', 'find_bs', 'shapes',
-           'DevicePrefetcher', 'len_or_none', 'check_dl', 'is_plain']
+           'split_batch', 'DevicePrefetcher', 'len_or_none', 'check_dl', 'is_plain']
 
 # %% ../nbs/01_data.ipynb #4a4ff13e
 def default_device():
@@ -133,6 +133,19 @@ def find_bs(b):
 def shapes(b):
     "`b` with each tensor replaced by its shape, for error messages"
     return tree_map(lambda t: tuple(t.shape), b)
+
+# %% ../nbs/01_data.ipynb #bd96600e
+def split_batch(b, # A batch as the loader gives it: a tuple or list, a mapping, or one tensor
+                n_inp:int|None=None, # Inputs at the start of a tuple batch; None: all but the last (or the only one)
+                target_keys=('labels',), # The keys of a mapping batch that are targets
+                keep_targets:bool=False): # Leave the targets among a mapping batch's inputs (a model that computes its loss)
+    "`(xb, yb, kw)`: the inputs and the targets of batch `b`, and whether the model takes `xb[0]` as keyword arguments"
+    if isinstance(b, (tuple, list)):
+        i = n_inp or (1 if len(b) == 1 else len(b)-1)
+        return tuple(b[:i]),tuple(b[i:]),False
+    if not isinstance(b, Mapping): return (b,),(),False
+    yb = tuple(b[k] for k in target_keys if k in b)
+    return (b if keep_targets else {k: v for k,v in b.items() if k not in target_keys},),yb,True
 
 # %% ../nbs/01_data.ipynb #30022496
 class DevicePrefetcher:

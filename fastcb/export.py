@@ -131,12 +131,9 @@ def _first_batch(dls):
     raise ValueError("export needs an example batch and the loaders have none: pass example=")
 
 def _split_batch(b, n_inp=None, target_keys=('labels',)):
-    "`(args, kwargs, targets)` of batch `b`, split as `Learner` splits it"
-    if isinstance(b, (tuple, list)):
-        i = n_inp or (1 if len(b) == 1 else len(b)-1)
-        return tuple(b[:i]),{},tuple(b[i:])
-    if not isinstance(b, Mapping): return (b,),{},()
-    return (),{k: v for k,v in b.items() if k not in target_keys},tuple(b[k] for k in target_keys if k in b)
+    "`(args, kwargs, targets)` of batch `b`, split as the learner splits it (`split_batch`)"
+    xb,yb,kw = split_batch(b, n_inp, target_keys)
+    return ((),xb[0],yb) if kw else (xb,{},yb)
 
 def _save_program(ep, file, meta):
     "`torch.export.save` to a temporary file, checked as `load_learner` checks it, then renamed to `file`"

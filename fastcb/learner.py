@@ -293,21 +293,17 @@ class Learner:
 
     # ---- one batch
     def _split(self, b):
-        "Move batch `b` to the device and set `xb` and `yb`; True when the model takes `xb[0]` as keyword arguments"
+        "Move batch `b` to the device and set `xb` and `yb` (`split_batch`); True when the model takes `xb[0]` as keyword arguments"
         dev = self._batch_events.device
         if type(b) is tuple or type(b) is list:  # the common case: no tree walk when every tensor is already there
             for t in b:
                 if type(t) is not torch.Tensor or t.device != dev: b = to_device(b, dev); break
             n = len(b)
-            i = self.dls.n_inp or (1 if n == 1 else n-1)
+            i = self.dls.n_inp or (1 if n == 1 else n-1)  # `split_batch`'s rule, inline: three calls fewer a batch
             self.xb,self.yb = tuple(b[:i]),tuple(b[i:])
             return False
-        b = to_device(b, dev)
-        if not isinstance(b, Mapping): self.xb,self.yb = (b,),(); return False
-        keys = self.dls.target_keys
-        self.yb = tuple(b[k] for k in keys if k in b)
-        self.xb = (b if self.loss_func is None else {k: v for k,v in b.items() if k not in keys},)
-        return True
+        self.xb,self.yb,kw = split_batch(to_device(b, dev), self.dls.n_inp, self.dls.target_keys, keep_targets=self.loss_func is None)
+        return kw
 
     def _loss_from_output(self):
         "The loss the model's output carries (None without one); its `logits`, when it has them, become `pred`"

@@ -38,7 +38,7 @@ _modules = [fastcb.core, fastcb.data, fastcb.sharded, fastcb.recorder, fastcb.op
 # that runs `from fastcb.all import *` gets the names a user writes, not generic ones like `sync`, `whole` or `minimum`.
 _building_blocks = {
     fastcb.core: 'inner_events suggest_event add_note defines run_cbs sort_cbs mk_cbs',
-    fastcb.data: 'tree_tensors remake tree_map shapes len_or_none check_dl is_plain split_batch',
+    fastcb.data: 'tree_tensors remake tree_map shapes len_or_none check_dl is_plain split_batch require_package',
     fastcb.sharded: '*', fastcb.resume: '*', fastcb.inference: '*', fastcb.shard: '* -ShardedStream',
     fastcb.recorder: 'format_time format_value unique_names import_matplotlib',
     fastcb.optim: 'norm_params no_decay_params make_opt split_no_decay group_values check_hyper set_group_hyper freeze_groups '

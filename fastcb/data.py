@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_data.ipynb #7c95125f
 from __future__ import annotations
-import copy, dataclasses
+import copy, dataclasses, importlib.util
 from collections import OrderedDict
 from collections.abc import Mapping
 import torch
 
 # %% auto #0
 __all__ = ['default_device', 'DataLoaders', 'tree_tensors', 'remake', 'tree_map', 'to_device', 'to_detach', 'find_bs', 'shapes',
-           'split_batch', 'DevicePrefetcher', 'len_or_none', 'check_dl', 'is_plain']
+           'split_batch', 'DevicePrefetcher', 'len_or_none', 'check_dl', 'is_plain', 'require_package']
 
 # %% ../nbs/01_data.ipynb #4a4ff13e
 def default_device():
@@ -217,3 +217,12 @@ def is_plain(v):
     if t in (list, tuple, set, frozenset): return all(is_plain(o) for o in v)
     if t in (dict, OrderedDict): return all(type(k) in (str, int) and is_plain(o) for k,o in v.items())
     return False
+
+# %% ../nbs/01_data.ipynb #af7a558d
+def require_package(module:str, # The module to find ('wandb', 'sklearn'...)
+                    what:str, # What needs it, for the message ('WandbCallback')
+                    install:str|None=None): # The command that installs it; default: `pip install <module>`
+    "A clear `ImportError` when the optional `module` is not installed (it is not imported)"
+    try: spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError): spec = None
+    if spec is None: raise ImportError(f"{what} needs the `{module}` package: {install or f'pip install {module}'}")

@@ -4,11 +4,12 @@
 
 # %% ../nbs/11b_loggers.ipynb #8298a1e1
 from __future__ import annotations
-import importlib.util, os, time, warnings
+import os, time, warnings
 from pathlib import Path
 import torch
 from .core import *
 from .learner import *
+from .data import require_package
 from .checkpoint import cb_keys, cb_settings, opt_hypers
 from .sharded import is_sharded
 from .tracker import SaveModelCallback
@@ -17,12 +18,6 @@ from .tracker import SaveModelCallback
 __all__ = ['RunLogger', 'WandbCallback', 'MLflowCallback']
 
 # %% ../nbs/11b_loggers.ipynb #7786f055
-def _require(module, install, what):
-    "A clear `ImportError` when the optional `module` is not installed"
-    try: spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError): spec = None
-    if spec is None: raise ImportError(f"{what} needs the `{module}` package: {install}")
-
 def _number(v):
     "`v` as a float when it is a number (a one-element tensor too), else None"
     if isinstance(v, torch.Tensor) and v.numel() == 1: v = v.item()
@@ -173,7 +168,7 @@ class WandbCallback(RunLogger):
                  name:str|None=None, # `wandb.init`'s run name
                  config:dict|None=None, # More entries for the run's config (they win over fastcb's)
                  **init_kwargs): # More arguments of `wandb.init` (entity, group, tags, mode, dir...)
-        _require('wandb', 'pip install wandb', 'WandbCallback')
+        require_package('wandb', 'WandbCallback')
         super().__init__(log_every=log_every, log_model=log_model, model_name=model_name, config=config)
         for k in ('id', 'resume', 'config'):
             if k in init_kwargs:
@@ -234,7 +229,7 @@ class MLflowCallback(RunLogger):
                  run_name:str|None=None, # The new run's name
                  tags:dict|None=None, # The new run's tags
                  config:dict|None=None): # More entries for the run's parameters (they win over fastcb's)
-        _require('mlflow', 'pip install mlflow (or the lighter mlflow-skinny)', 'MLflowCallback')
+        require_package('mlflow', 'MLflowCallback', 'pip install mlflow (or the lighter mlflow-skinny)')
         super().__init__(log_every=log_every, log_model=log_model, model_name=model_name, config=config)
         if tags is not None and not isinstance(tags, dict): raise ValueError(f"tags must be a dict, got {type(tags).__name__}")
         self.tracking_uri,self.experiment_name,self.run_name,self.tags = tracking_uri,experiment_name,run_name,tags

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_metrics.ipynb #5175e61c
 from __future__ import annotations
-import copy, csv, importlib.util, json, math, os, time, warnings
+import copy, csv, json, math, os, time, warnings
 from functools import partial
 from types import SimpleNamespace
 from datetime import datetime
@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from .core import *
 from .learner import *
+from .data import require_package
+from .checkpoint import is_url
 from .recorder import TorchMetric  # defined with the Recorder; `from fastcb.metrics import TorchMetric` works too
 
 # %% auto #0
@@ -268,16 +270,6 @@ def _num(s):
         except ValueError: pass
     return s
 
-def _require(module, pip_name, what):
-    "A clear `ImportError` when the optional `module` is not installed"
-    try: spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError): spec = None
-    if spec is None: raise ImportError(f"{what} needs the `{pip_name}` package: pip install {pip_name}")
-
-def _is_url(fname):
-    "Whether `fname` is a URL with a scheme (`memory://...`, `s3://...`): written through fsspec"
-    return isinstance(fname, str) and '://' in fname
-
 def _kept_rows(rows, epoch, rows_before):
     "`rows` (the header first) without those of `epoch` and later that the fit started after `rows_before` data rows logged"
     before = lambda r: bool(r) and isinstance(_num(r[0]), (int, float)) and _num(r[0]) < epoch
@@ -288,7 +280,7 @@ def _kept_rows(rows, epoch, rows_before):
 
 def _open_text(path, mode='r'):
     "Open the file at `path` for text (a URL through fsspec, imported then)"
-    if not _is_url(path): return open(path, mode, newline='')
+    if not is_url(path): return open(path, mode, newline='')
     import fsspec
     return fsspec.open(path, mode, newline='')
 
@@ -298,8 +290,8 @@ class CSVLogger(Callback):
     def __init__(self, fname:str='history.csv', # File name, relative to `learn.path` (or an absolute path, or an fsspec URL)
                  append:bool=False): # Append to an existing file instead of overwriting it
         if not isinstance(fname, (str, Path)) or not str(fname): raise ValueError(f"fname must be a file name, got {fname!r}")
-        if _is_url(fname): _require('fsspec', 'fsspec', f"CSVLogger({fname!r})")  # (and the store's package, s3fs...)
-        self.fname = fname if _is_url(fname) else Path(fname)
+        if is_url(fname): require_package('fsspec', f"CSVLogger({fname!r})")  # (and the store's package, s3fs...)
+        self.fname = fname if is_url(fname) else Path(fname)
         self.append,self.file,self._last_path,self._trim,self._rows = append,None,None,False,None
         self.old_logger = None  # the `learn.logger` taken over during a fit: called after each row, given back at the end
         self._rows_before = 0  # data rows in the file when the fit started (kept on a resume)
@@ -307,7 +299,7 @@ class CSVLogger(Callback):
     @property
     def path(self):
         "The CSV file: `learn.path/fname` (the last one written once the callback is removed), or the URL `fname`"
-        if _is_url(self.fname) or self.fname.is_absolute(): return self.fname
+        if is_url(self.fname) or self.fname.is_absolute(): return self.fname
         if self.learn is not None: return Path(self.learn.path)/self.fname
         return self._last_path or self.fname
 
@@ -317,7 +309,7 @@ class CSVLogger(Callback):
         path,names = self.path,list(self.learn.recorder.metric_names)
         self._last_path = path
         resuming = getattr(self.learn.resume_plan, 'resuming', False)  # `fit(resume=...)`: continue the file
-        if not _is_url(path) and path.is_symlink():
+        if not is_url(path) and path.is_symlink():
             raise ValueError(f"CSVLogger: '{path}' is a symbolic link (to '{os.readlink(path)}'); the logger writes only to "
                              f"a file it creates: remove the link, or choose another fname")
         rows = self._read_rows(path) if self.append or resuming else []
@@ -326,7 +318,7 @@ class CSVLogger(Callback):
                              f"{names}: use another fname, or append=False to start a new file")
         self._rows_before = max(len(rows) - 1, 0) if not resuming else None  # on a resume: until the checkpoint's state says
         self._trim = resuming and bool(rows)
-        if _is_url(path): self._rows = rows or [names]; self._put_rows()  # an object store: the whole file at each row
+        if is_url(path): self._rows = rows or [names]; self._put_rows()  # an object store: the whole file at each row
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not rows: _rewrite_rows(path, [names])
@@ -336,7 +328,7 @@ class CSVLogger(Callback):
 
     def _read_rows(self, path):
         "The rows of the existing file at `path` (none when it is missing or empty)"
-        if _is_url(path):
+        if is_url(path):
             import fsspec
             fs,p = fsspec.core.url_to_fs(path)
             if not fs.exists(p): return []
@@ -493,7 +485,7 @@ def skm_to_fastai(func, *args, **kwargs): # As for `skm_to_fastcb`
 # %% ../nbs/11_metrics.ipynb #85b9a7d4
 def _skm(name):
     "The function `name` of `sklearn.metrics`"
-    _require('sklearn', 'scikit-learn', f"sklearn.metrics.{name}")
+    require_package('sklearn', f"sklearn.metrics.{name}", 'pip install scikit-learn')
     import sklearn.metrics
     return getattr(sklearn.metrics, name)
 
@@ -581,7 +573,7 @@ class TensorBoardCallback(Callback):
     def __init__(self, log_dir=None, # Folder of the event files; default: `learn.path/'runs'/<date_time>`
                  comment:str='', # Suffix of the default folder name
                  log_every:int=50): # Write the batches' losses every this many training batches (and at each epoch's end)
-        _require('tensorboard', 'tensorboard', 'TensorBoardCallback')
+        require_package('tensorboard', 'TensorBoardCallback')
         if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
             raise ValueError(f"log_every must be a positive int (a number of batches), got {log_every!r}")
         self.log_dir,self.comment,self.log_every,self.writer = log_dir,comment,log_every,None

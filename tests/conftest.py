@@ -4,7 +4,7 @@ A run stops cleanly on Ctrl-C *and* on SIGTERM (what `timeout`, CI runners and `
 `KeyboardInterrupt` that Ctrl-C raises, so pytest ends the session, runs the fixtures' teardown and every `finally`,
 and `process_tree` ends whatever a test started -- `torchrun` jobs included, whose launcher and workers each run in a
 session of their own and so never see the terminal's Ctrl-C."""
-import fcntl, faulthandler, os, signal, subprocess, threading
+import collections, fcntl, faulthandler, os, signal, subprocess, threading
 from contextlib import contextmanager
 from pathlib import Path
 import pytest
@@ -69,3 +69,14 @@ def process_tree(cmd, **kwargs):
     p = subprocess.Popen(cmd, start_new_session=True, **kwargs)
     try: yield p
     finally: kill_tree(p)
+
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class OpCounter(TorchDispatchMode):
+    "The ATen ops (views aside: they launch no kernel) run while `on`, one Counter per batch (`start` opens one)"
+    def __init__(self): super().__init__(); self.on,self.batches = False,[]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on and not func.is_view: self.batches[-1][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+    def start(self): self.batches.append(collections.Counter()); self.on = True

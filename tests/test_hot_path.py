@@ -97,15 +97,7 @@ def test_counter_sees_a_callback():
     assert 3*2 <= more - base <= 3*2 + 3, (more - base, where)
 
 # ------------------------------------------------------------------------------------------------ ATen ops per step
-from torch.utils._python_dispatch import TorchDispatchMode
-
-class OpCounter(TorchDispatchMode):
-    "ATen ops that are not views (a kernel launch each on a GPU), counted per batch while `on`"
-    def __init__(self): super().__init__(); self.on,self.batches = False,[]
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.on and not func.is_view: self.batches[-1][func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-    def start(self): self.batches.append(collections.Counter()); self.on = True
+from conftest import OpCounter
 
 def _op_batches(n=4):
     g = torch.Generator().manual_seed(0)

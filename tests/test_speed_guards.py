@@ -143,15 +143,7 @@ def test_no_cuda_sync_in_training_batches():
     assert len(learn.recorder.losses) == 12
 
 # ------------------------------------------------------------------------------------------- (c) device ops per batch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-class OpCounter(TorchDispatchMode):
-    "The ATen ops (views aside: they launch no kernel) run while `on`, one Counter per batch (`start` opens one)"
-    def __init__(self): super().__init__(); self.on,self.batches = False,[]
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.on and not func.is_view: self.batches[-1][func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-    def start(self): self.batches.append(collections.Counter()); self.on = True
+from conftest import OpCounter
 
 def _op_batches(n=6):
     g = torch.Generator().manual_seed(0)
